@@ -1,0 +1,1 @@
+//! Federated simulation. (Being written.)

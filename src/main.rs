@@ -1,0 +1,2 @@
+//! The `fedleak` command line (being written).
+fn main() {}

@@ -1,0 +1,110 @@
+//! Graph-preserving building blocks: every backward formula is itself differentiable, so second-order
+//! gradients (gradient of a gradient-matching loss with respect to the input) are exact.
+//!
+//! candle's fused `softmax_last_dim` silently gives wrong second derivatives and `candle_nn::LayerNorm`'s
+//! fast path cuts the graph; GELU-erf's built-in derivative rounds 1/sqrt(2 pi) to six digits. The
+//! composites here avoid all three. Tests compare both orders of gradient with finite differences in f64.
+
+use candle_core::{Result, Tensor, D};
+
+/// Layer normalisation over the last dimension, written as plain tensor operations.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[1f64, 3.]], &Device::Cpu).unwrap();
+/// let w = Tensor::new(&[1f64, 1.], &Device::Cpu).unwrap();
+/// let b = Tensor::new(&[0f64, 0.], &Device::Cpu).unwrap();
+/// let y = fedleak::model::layer_norm(&x, &w, &b, 0.0).unwrap();
+/// assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![-1.0, 1.0]]);
+/// ```
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let normalized = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    normalized.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// Softmax over the last dimension. The max is subtracted for stability and detached: the result does
+/// not depend on it, so its gradient is exactly zero and the graph stays exact to every order.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[[0f64, 0.]], &Device::Cpu).unwrap();
+/// let y = fedleak::model::softmax_last_dim(&x).unwrap();
+/// assert_eq!(y.to_vec2::<f64>().unwrap(), vec![vec![0.5, 0.5]]);
+/// ```
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let exp = x.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// The exact GELU, x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), composed from `erf` so that its
+/// derivative (through erf's exact derivative) is exact to every order.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let x = Tensor::new(&[0f64, 1.], &Device::Cpu).unwrap();
+/// let y = fedleak::model::gelu(&x).unwrap().to_vec1::<f64>().unwrap();
+/// assert_eq!(y[0], 0.0);
+/// assert!((y[1] - 0.841344746068543).abs() < 1e-12);
+/// ```
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    let phi = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+    (x * phi)? * 0.5
+}
+
+/// `x W^T + b` for `x` of shape (..., in) and `weight` of shape (out, in).
+pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = match x.dims() {
+        [batch, tokens, inputs] => x
+            .reshape((batch * tokens, *inputs))?
+            .matmul(&weight.t()?)?
+            .reshape((*batch, *tokens, ()))?,
+        _ => x.matmul(&weight.t()?)?,
+    };
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// Mean cross-entropy of logits (B x L) against target distributions (B x L): one-hot labels, or soft
+/// labels as a label-optimising attack uses. Log-softmax with a detached max, exact to every order.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let logits = Tensor::new(&[[0f64, 0.]], &Device::Cpu).unwrap();
+/// let target = Tensor::new(&[[1f64, 0.]], &Device::Cpu).unwrap();
+/// let loss = fedleak::model::cross_entropy(&logits, &target).unwrap().to_scalar::<f64>().unwrap();
+/// assert!((loss - 2f64.ln()).abs() < 1e-15);
+/// ```
+pub fn cross_entropy(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_norm)?;
+    let batch = logits.dim(0)? as f64;
+    (log_probs * target)?.sum_all()? * (-1.0 / batch)
+}
+
+/// One-hot rows (B x classes) for integer labels, in `dtype` on `device`.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// let t = fedleak::model::one_hot(&[1, 0], 3, DType::F32, &Device::Cpu).unwrap();
+/// assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![0., 1., 0.], vec![1., 0., 0.]]);
+/// ```
+pub fn one_hot(
+    labels: &[u32],
+    classes: usize,
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let mut values = vec![0f32; labels.len() * classes];
+    for (row, &label) in labels.iter().enumerate() {
+        values[row * classes + label as usize] = 1.0;
+    }
+    Tensor::from_vec(values, (labels.len(), classes), device)?.to_dtype(dtype)
+}

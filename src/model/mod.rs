@@ -1,0 +1,23 @@
+//! The Vision Transformer fedleak trains, attacks and audits.
+//!
+//! Implements ViT (Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021) with the parameter
+//! names of Hugging Face `transformers`' `ViTForImageClassification`, so a user's checkpoint directory
+//! (`config.json` + `model.safetensors`) loads as it is. Every operation is written so that first *and*
+//! second order gradients through candle's autograd are exact (composite layer norm, softmax with a
+//! detached max, GELU through `erf`): gradient-inversion attacks differentiate through the gradient.
+//! This module knows nothing of federated learning, schemes or attacks.
+
+mod checkpoint;
+mod config;
+mod init;
+mod layers;
+mod vit;
+
+#[cfg(test)]
+mod tests;
+
+pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
+pub use init::init_parameters;
+pub use layers::{cross_entropy, gelu, layer_norm, one_hot, softmax_last_dim};
+pub use vit::{sincos_position_embedding, Vit};
