@@ -5,6 +5,8 @@
 //! party transmits) -> attacks (crate `fedleak-attacks`) -> metrics (crate `fedleak-metrics`) -> reports.
 //! This library never prints and never depends on the command line; the `fedleak` binary does both.
 
+#![deny(missing_docs)]
+
 pub mod data;
 pub mod error;
 pub mod fl;

@@ -1,2 +1,29 @@
-//! The `fedleak` command line (being written).
-fn main() {}
+//! The `fedleak` command line: parse, call the library, print once, map errors to exit codes.
+//!
+//! Exit codes: 0 success; 2 bad usage, configuration or input (the message names the file or option
+//! and how to fix it); 1 runtime failure. Results go to files and, for scripts, a JSON line on stdout;
+//! messages go to stderr.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // candle reads this once per thread, before the first backward pass: without it second-order
+    // gradients (gradient-matching attacks) are silently wrong. Set before any thread starts.
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+    let args = cli::Args::parse();
+    if let Some(threads) = args.global.threads {
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    cli::init_logging(args.global.quiet);
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", cli::render_error(&error));
+            ExitCode::from(cli::exit_code(&error))
+        }
+    }
+}

@@ -14,6 +14,8 @@
 //! batches of images) and their [`ImageDims`], nothing about which attack produced a reconstruction.
 //! It never prints; invalid input is reported as a [`MetricsError`].
 
+#![deny(missing_docs)]
+
 mod dims;
 mod error;
 mod matching;

@@ -16,7 +16,7 @@ mod vit;
 #[cfg(test)]
 mod tests;
 
-pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint};
+pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint, CONFIG_FILE, WEIGHTS_FILE};
 pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
 pub use init::init_parameters;
 pub use layers::{cross_entropy, gelu, layer_norm, one_hot, softmax_last_dim};

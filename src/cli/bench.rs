@@ -1,0 +1,105 @@
+//! `fedleak bench`: times a model step in the output format of the PyTorch reference harness
+//! (`tests/bench/torch_vit_ig.py`), so `tests/bench/compare_torch.sh` can alternate the two and report
+//! ratios measured in the same run. Timing lives here, never in tests.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use clap::ValueEnum;
+use fedleak::model::{
+    cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{select_device, GlobalArgs};
+
+/// Which step to time.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StepArg {
+    /// One first-order forward + backward of the cross-entropy (a local training step's gradient).
+    Train,
+}
+
+/// Arguments of `fedleak bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The step to time.
+    #[arg(long, value_enum, default_value_t = StepArg::Train)]
+    pub step: StepArg,
+    /// Model preset (10 classes, as in the reference).
+    #[arg(long, default_value = "vit-tiny-32")]
+    pub model: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed warm-up iterations.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+}
+
+/// Prints `RESULT impl=fedleak model=.. batch=.. iters=.. fwd_bwd1_median_ms=.. all=[..]`.
+pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
+    let device = select_device(global.device)?;
+    let preset = ModelPreset::from_name(&args.model)?;
+    let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    let config = preset.config(&classes, PositionEmbeddingKind::Learnable);
+    let tensors = init_parameters(&config, global.seed, DType::F32, &device)?;
+    let vars: Vec<(String, candle_core::Var)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), candle_core::Var::from_tensor(v)?)))
+        .collect::<Result<_>>()?;
+    let model = Checkpoint {
+        config: config.clone(),
+        tensors: vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+    }
+    .model()?;
+    let mut rng = StdRng::seed_from_u64(global.seed);
+    let side = config.image_size;
+    let pixels: Vec<f32> = (0..args.batch * 3 * side * side)
+        .map(|_| rng.random())
+        .collect();
+    let images = Tensor::from_vec(pixels, (args.batch, 3, side, side), &device)?;
+    let labels: Vec<u32> = (0..args.batch).map(|i| ((i * 7 + 3) % 10) as u32).collect();
+    let target = one_hot(&labels, 10, DType::F32, &device)?;
+    let mut times = Vec::with_capacity(args.iters);
+    for i in 0..args.warmup + args.iters {
+        let started = Instant::now();
+        match args.step {
+            StepArg::Train => {
+                let loss = cross_entropy(&model.forward(&images)?, &target)?;
+                let grads = loss.backward()?;
+                // Touch one gradient so the work cannot be skipped.
+                let (_, first) = &vars[0];
+                grads
+                    .get(first.as_tensor())
+                    .map(|g| g.sum_all())
+                    .transpose()?;
+            }
+        }
+        if i >= args.warmup {
+            times.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let model_name = match preset {
+        ModelPreset::VitB16_224 => "vitb16",
+        _ => "small",
+    };
+    println!(
+        "RESULT impl=fedleak model={model_name} batch={} iters={} fwd_bwd1_median_ms={median:.2} all={:?}",
+        args.batch,
+        args.iters,
+        times.iter().map(|t| (t * 10.0).round() / 10.0).collect::<Vec<_>>()
+    );
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! Command-line definition and glue (binary only): flags, device selection, error rendering.
+
+mod bench;
+mod metrics;
+mod train;
+
+use std::io::IsTerminal;
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Audits privacy in federated learning: trains federated ViTs, captures updates, attacks them, reports.
+#[derive(Debug, Parser)]
+#[command(name = "fedleak", version, about, propagate_version = true)]
+pub struct Args {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, clap::Args)]
+pub struct GlobalArgs {
+    /// Seed of every random choice (partition, initialisation, batches); same seed, same results.
+    #[arg(long, global = true, default_value_t = 1)]
+    pub seed: u64,
+    /// Where tensors live: `cpu`, or `cuda` when fedleak is built with `--features cuda`.
+    #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Worker threads for tensor kernels (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// Only errors on stderr; no progress bars.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+}
+
+/// A compute device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU (default; what CI tests).
+    Cpu,
+    /// The first CUDA GPU.
+    Cuda,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a ViT federatedly (FedSGD or FedAvg) and capture client uploads for attacks.
+    Train(train::TrainArgs),
+    /// Score a reconstruction against a reference image (PSNR, SSIM, NMI) as JSON.
+    Metrics(metrics::MetricsArgs),
+    /// Time a model step (ms per step, median) in the output format of the PyTorch reference.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::Train(a) => train::run(&args.global, a),
+        Command::Metrics(a) => metrics::run(a),
+        Command::Bench(a) => bench::run(&args.global, a),
+    }
+}
+
+/// Sets up `tracing` on stderr (level from `RUST_LOG`, `info` by default, `error` with `--quiet`).
+pub fn init_logging(quiet: bool) {
+    let default = if quiet { "error" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .with_target(false)
+        .without_time()
+        .init();
+}
+
+/// The device a command runs on; `cuda` without the `cuda` feature is a usage error.
+pub fn select_device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda if cfg!(feature = "cuda") => Ok(Device::new_cuda(0)?),
+        DeviceArg::Cuda => Err(UsageError(
+            "`--device cuda`: this fedleak was built without CUDA support\nhint: rebuild with `cargo build --release --features cuda` on a machine with the CUDA toolkit, or use `--device cpu`".into(),
+        )
+        .into()),
+    }
+}
+
+/// A usage error raised by the binary itself (exit code 2).
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// The exit code of an error: 2 when the user's input or usage is at fault, 1 otherwise.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    let user = error.chain().any(|cause| {
+        cause.downcast_ref::<UsageError>().is_some()
+            || cause
+                .downcast_ref::<fedleak::Error>()
+                .is_some_and(fedleak::Error::is_user_error)
+            || cause
+                .downcast_ref::<fedleak_metrics::MetricsError>()
+                .is_some()
+    });
+    if user {
+        2
+    } else {
+        1
+    }
+}
+
+/// The error chain as one message: the outermost context first, each cause on its own line.
+pub fn render_error(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(&format!("\n  caused by: {cause}"));
+        }
+    }
+    text
+}
+
+/// Whether progress bars should be drawn (stderr is a terminal and not `--quiet`).
+pub fn show_progress(global: &GlobalArgs) -> bool {
+    !global.quiet && std::io::stderr().is_terminal()
+}

@@ -1,0 +1,212 @@
+//! Captured transmissions on disk: what a party saw in a round, in a format other FL systems can produce.
+//!
+//! Layout under an output directory (round numbers are 1-based, zero-padded):
+//!
+//! ```text
+//! captures/round-0003/global/config.json, model.safetensors   the model the clients started from
+//! captures/round-0003/client-1/update.safetensors             exactly the bytes client 1 uploaded
+//! captures/round-0003/client-1/update.json                    sidecar: round, client, algorithm, lr, ...
+//! private/round-0003/client-1.json                            the private batch, for scoring only
+//! ```
+//!
+//! The private batch is kept in a separate tree so that an attack given `captures/` never sees it. A
+//! PyTorch/Flower system can hand fedleak an update by writing the same safetensors (Hugging Face names)
+//! and sidecar.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use super::config::{Algorithm, OptimizerKind};
+use super::transmission::Transmission;
+use crate::model::{load_checkpoint, save_checkpoint, Checkpoint};
+use crate::{Error, Result};
+
+/// What the uploaded tensors are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateKind {
+    /// dL/dtheta of the mean loss over one batch (FedSGD).
+    Gradient,
+    /// theta_after_local_training - theta_global (FedAvg).
+    WeightDelta,
+}
+
+/// The sidecar of a captured update: everything an attacker legitimately knows about how it was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureMeta {
+    /// 1-based round.
+    pub round: usize,
+    /// 0-based client index.
+    pub client: usize,
+    /// FedSGD or FedAvg.
+    pub algorithm: Algorithm,
+    /// Gradient or weight delta.
+    pub update_kind: UpdateKind,
+    /// The client's optimizer (FedAvg).
+    pub optimizer: OptimizerKind,
+    /// Learning rate of the local optimizer (FedAvg) or the server step (FedSGD).
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Number of local optimizer steps taken (1 for FedSGD).
+    pub local_steps: usize,
+    /// Images per local batch.
+    pub batch_size: usize,
+    /// The client's number of training images (its aggregation weight).
+    pub num_samples: usize,
+    /// The protection scheme that produced the transmission (`none` for plain FL).
+    pub scheme: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// Exact bytes uploaded.
+    pub upload_bytes: usize,
+}
+
+/// The private images behind a captured update, as indices into the training split; for scoring only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivateBatch {
+    /// The data source (`fixture:ihc-tiles-32`, ...).
+    pub data: String,
+    /// Training-split indices of each local step's batch, step by step.
+    pub step_indices: Vec<Vec<usize>>,
+    /// Labels of each step's batch.
+    pub step_labels: Vec<Vec<u32>>,
+}
+
+/// One captured transmission with its context.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    /// The sidecar.
+    pub meta: CaptureMeta,
+    /// Exactly what the client uploaded.
+    pub transmission: Transmission,
+    /// The global model the client started the round from (known to the server).
+    pub global: Checkpoint,
+    /// The private batch (absent when reading a capture whose private part is not available).
+    pub private: Option<PrivateBatch>,
+}
+
+fn round_dir(root: &Path, round: usize) -> PathBuf {
+    root.join("captures").join(format!("round-{round:04}"))
+}
+
+fn private_path(root: &Path, round: usize, client: usize) -> PathBuf {
+    root.join("private")
+        .join(format!("round-{round:04}"))
+        .join(format!("client-{client}.json"))
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::Training(format!("cannot serialise {}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
+}
+
+/// Writes a capture under `root` in the layout of this module; returns the update's directory.
+pub fn write_capture(root: &Path, capture: &Capture) -> Result<PathBuf> {
+    let (round, client) = (capture.meta.round, capture.meta.client);
+    let global_dir = round_dir(root, round).join("global");
+    if !global_dir.join(crate::model::WEIGHTS_FILE).exists() {
+        save_checkpoint(&global_dir, &capture.global)?;
+    }
+    let update_dir = round_dir(root, round).join(format!("client-{client}"));
+    std::fs::create_dir_all(&update_dir).map_err(|e| Error::io(&update_dir, e))?;
+    let weights = update_dir.join("update.safetensors");
+    std::fs::write(&weights, capture.transmission.as_bytes())
+        .map_err(|e| Error::io(&weights, e))?;
+    write_json(&update_dir.join("update.json"), &capture.meta)?;
+    if let Some(private) = &capture.private {
+        let path = private_path(root, round, client);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        write_json(&path, private)?;
+    }
+    Ok(update_dir)
+}
+
+/// Reads a capture from its update directory (or any file in it). The global model is read from the
+/// sibling `global/` directory; the private batch, when `with_private`, from the `private/` tree.
+pub fn read_capture(path: &Path, with_private: bool, device: &Device) -> Result<Capture> {
+    let dir = if path.is_file() {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        path.to_path_buf()
+    };
+    let sidecar = dir.join("update.json");
+    let text = std::fs::read_to_string(&sidecar).map_err(|e| Error::InvalidDataset {
+        source_name: sidecar.display().to_string(),
+        reason: format!("cannot read the capture sidecar: {e}"),
+        hint: "point `--capture` at a directory written by `fedleak train` (captures/round-NNNN/client-K)".into(),
+    })?;
+    let meta: CaptureMeta = serde_json::from_str(&text).map_err(|e| Error::InvalidDataset {
+        source_name: sidecar.display().to_string(),
+        reason: format!("not a capture sidecar: {e}"),
+        hint: "the sidecar needs round, client, algorithm, update_kind, optimizer, lr, momentum, weight_decay, local_steps, batch_size, num_samples, scheme, seed, upload_bytes".into(),
+    })?;
+    let weights = dir.join("update.safetensors");
+    let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
+    let global_dir = dir.parent().map(|p| p.join("global")).unwrap_or_default();
+    let global = load_checkpoint(&global_dir, DType::F32, device)?;
+    let private = if with_private {
+        let root = dir
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("."));
+        let path = private_path(root, meta.round, meta.client);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Some(
+                serde_json::from_str(&text).map_err(|e| Error::InvalidDataset {
+                    source_name: path.display().to_string(),
+                    reason: format!("not a private-batch record: {e}"),
+                    hint: "re-run `fedleak train` to regenerate it".into(),
+                })?,
+            ),
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    Ok(Capture {
+        meta,
+        transmission: Transmission::from_bytes(bytes),
+        global,
+        private,
+    })
+}
+
+/// An observer that writes every capture under a root directory.
+#[derive(Debug, Clone)]
+pub struct CaptureWriter {
+    root: PathBuf,
+    written: Vec<PathBuf>,
+}
+
+impl CaptureWriter {
+    /// Writes under `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            written: Vec::new(),
+        }
+    }
+
+    /// Update directories written so far.
+    pub fn written(&self) -> &[PathBuf] {
+        &self.written
+    }
+
+    /// Writes one capture.
+    pub fn write(&mut self, capture: &Capture) -> Result<()> {
+        let dir = write_capture(&self.root, capture)?;
+        self.written.push(dir);
+        Ok(())
+    }
+}

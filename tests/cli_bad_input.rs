@@ -1,0 +1,179 @@
+//! Every bad input named in the foundation issue gives a clear message naming the file or option, a hint,
+//! exit code 2, and no panic.
+
+mod util;
+
+use std::io::{Read, Write};
+
+use util::{assert_bad_input, fedleak, small_image_folder};
+
+const FAST: &[&str] = &["--rounds", "1", "--batch-size", "4"];
+
+fn train_on(dir: &std::path::Path, data: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "--data", data, "--out", "out"];
+    args.extend_from_slice(FAST);
+    if !extra.contains(&"--model") {
+        args.extend_from_slice(&["--model", "vit-micro-32"]);
+    }
+    args.extend_from_slice(extra);
+    fedleak(dir, &args)
+}
+
+#[test]
+fn corrupt_png_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_image_folder(tmp.path(), 5);
+    let bad = data.join("1").join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\n this is not a png").unwrap();
+    let out = train_on(tmp.path(), data.to_str().unwrap(), &[]);
+    assert_bad_input(&out, &["broken.png", "cannot decode image"]);
+}
+
+#[test]
+fn directory_without_images_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(empty.join("cats")).unwrap();
+    std::fs::write(empty.join("cats").join("notes.txt"), "no images here").unwrap();
+    let out = train_on(tmp.path(), empty.to_str().unwrap(), &[]);
+    assert_bad_input(&out, &["empty"]);
+}
+
+#[test]
+fn one_unreadable_file_in_a_class_folder_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_image_folder(tmp.path(), 5);
+    let bad = data.join("2").join("truncated.jpg");
+    std::fs::write(&bad, [0xFF, 0xD8, 0xFF, 0xE0, 0x00]).unwrap();
+    let out = train_on(tmp.path(), data.to_str().unwrap(), &[]);
+    assert_bad_input(&out, &["truncated.jpg"]);
+}
+
+#[test]
+fn npz_missing_a_key_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = util::repo().join("fixtures/mnist5k-medmnist-layout.npz");
+    let mut reader = zip::ZipArchive::new(std::fs::File::open(source).unwrap()).unwrap();
+    let target = tmp.path().join("partial.npz");
+    let mut writer = zip::ZipWriter::new(std::fs::File::create(&target).unwrap());
+    for i in 0..reader.len() {
+        let mut entry = reader.by_index(i).unwrap();
+        if entry.name() == "test_labels.npy" {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes).unwrap();
+        writer
+            .start_file(
+                entry.name().to_string(),
+                zip::write::SimpleFileOptions::default(),
+            )
+            .unwrap();
+        writer.write_all(&bytes).unwrap();
+    }
+    writer.finish().unwrap();
+    let out = train_on(tmp.path(), "medmnist:partial.npz", &[]);
+    assert_bad_input(&out, &["partial.npz", "test_labels"]);
+}
+
+#[test]
+fn more_clients_than_images_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_image_folder(tmp.path(), 5);
+    let out = train_on(tmp.path(), data.to_str().unwrap(), &["--clients", "50"]);
+    assert_bad_input(&out, &["`clients`", "50"]);
+}
+
+#[test]
+fn unknown_fixture_lists_the_choices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = train_on(tmp.path(), "fixture:ihc-tiles", &[]);
+    assert_bad_input(&out, &["ihc-tiles-32"]);
+}
+
+#[test]
+fn unknown_model_lists_the_presets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedleak(tmp.path(), &["train", "--model", "vit-huge", "--out", "o"]);
+    assert_bad_input(&out, &["vit-huge", "vit-tiny-32"]);
+}
+
+#[test]
+fn cuda_without_the_feature_says_how_to_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedleak(tmp.path(), &["--device", "cuda", "train", "--out", "o"]);
+    assert_bad_input(&out, &["--device cuda", "--features cuda"]);
+}
+
+/// Writes a vit-micro-32 checkpoint with `fedleak train` and returns its directory.
+fn trained_checkpoint(dir: &std::path::Path) -> std::path::PathBuf {
+    let data = small_image_folder(dir, 6);
+    let out = train_on(dir, data.to_str().unwrap(), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", util::stderr(&out));
+    dir.join("out").join("model")
+}
+
+#[test]
+fn checkpoint_with_wrong_shape_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trained_checkpoint(tmp.path());
+    let config_path = model.join("config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("\"intermediate_size\": 128", "\"intermediate_size\": 96"),
+    )
+    .unwrap();
+    let data = tmp.path().join("digits");
+    let out = train_on(
+        tmp.path(),
+        data.to_str().unwrap(),
+        &["--model", model.to_str().unwrap()],
+    );
+    assert_bad_input(
+        &out,
+        &["model.safetensors", "shape mismatch", "intermediate.dense"],
+    );
+}
+
+#[test]
+fn checkpoint_with_missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trained_checkpoint(tmp.path());
+    let weights = model.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    tensors.remove("classifier.bias").unwrap();
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let data = tmp.path().join("digits");
+    let out = train_on(
+        tmp.path(),
+        data.to_str().unwrap(),
+        &["--model", model.to_str().unwrap()],
+    );
+    assert_bad_input(&out, &["missing tensor `classifier.bias`"]);
+}
+
+#[test]
+fn truncated_safetensors_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = trained_checkpoint(tmp.path());
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let data = tmp.path().join("digits");
+    let out = train_on(
+        tmp.path(),
+        data.to_str().unwrap(),
+        &["--model", model.to_str().unwrap()],
+    );
+    assert_bad_input(&out, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn invalid_partition_and_rounds_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = train_on(tmp.path(), "fixture:digits-8x8", &["--partition", "zipf"]);
+    assert_bad_input(&out, &["zipf"]);
+    let out = train_on(tmp.path(), "fixture:digits-8x8", &["--capture-rounds", "5"]);
+    assert_bad_input(&out, &["capture-rounds"]);
+}
