@@ -1,1 +1,28 @@
-//! placeholder
+//! fedleak-attacks: reconstruction attacks on what a party of a federated-learning round observes.
+//!
+//! An attack takes an [`Observation`] (what that party legitimately sees: a client's gradient, a FedAvg
+//! weight delta, an aggregate, ...) and the [`TargetModel`] the attacker knows (architecture and the
+//! global parameters the server sent), and returns a [`Reconstruction`] (images and labels, with what it
+//! cost) or [`AttackOutcome::NotApplicable`] with the reason. Ground truth never enters this crate:
+//! scoring is the job of `fedleak-metrics`.
+//!
+//! This crate knows nothing of the CLI, the FL simulation, protection schemes or metrics.
+
+#![deny(missing_docs)]
+
+mod error;
+mod model;
+mod observation;
+mod reconstruction;
+
+pub use error::{AttackError, Result};
+pub use model::{ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
+pub use observation::{Observation, UpdateSource};
+pub use reconstruction::{AttackOutcome, Reconstruction};
+
+/// Makes candle keep the graph of gradients on the current thread, so that second-order gradients (the
+/// input gradient of a gradient-matching loss) are exact. candle reads the setting once per thread,
+/// before the first backward pass; call this before any backward on the thread that attacks.
+pub fn enable_second_order_gradients() {
+    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
+}

@@ -11,6 +11,7 @@ mod checkpoint;
 mod config;
 mod init;
 mod layers;
+mod target;
 mod vit;
 
 #[cfg(test)]
@@ -20,4 +21,5 @@ pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint, CONFIG_FILE, 
 pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
 pub use init::init_parameters;
 pub use layers::{cross_entropy, gelu, layer_norm, one_hot, softmax_last_dim};
+pub use target::VitTarget;
 pub use vit::{sincos_position_embedding, Vit};

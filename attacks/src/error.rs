@@ -1,0 +1,29 @@
+//! The one error type of the attacks crate.
+
+/// Result alias of the attacks crate.
+pub type Result<T> = std::result::Result<T, AttackError>;
+
+/// What can go wrong while attacking (an attack that does not apply is not an error; see
+/// [`crate::AttackOutcome::NotApplicable`]).
+#[derive(Debug, thiserror::Error)]
+pub enum AttackError {
+    /// The observation lacks a tensor the attack needs, or it has the wrong shape.
+    #[error("observation tensor `{name}`: {reason}")]
+    Observation {
+        /// Parameter name (Hugging Face naming).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A numerical failure (singular system, non-finite values).
+    #[error("numerical failure in {attack}: {reason}")]
+    Numerical {
+        /// The attack.
+        attack: &'static str,
+        /// What happened.
+        reason: String,
+    },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

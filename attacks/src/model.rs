@@ -1,0 +1,60 @@
+//! What the attacker knows of the model: its architecture (as a differentiable function of named
+//! parameters) and the parameter values the server broadcast.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// Parameters by Hugging Face name.
+pub type ParamMap = BTreeMap<String, Tensor>;
+
+/// Where a ViT's patch embedding and position embedding live, for closed-form attacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatchEmbeddingLayout {
+    /// Name of the projection weight (D x C x P x P).
+    pub weight: String,
+    /// Name of the projection bias (D).
+    pub bias: String,
+    /// Name of the *learnable* position embedding (1 x (N+1) x D); `None` when positions are a fixed table
+    /// (then its gradient is not observed and the closed form does not apply).
+    pub position_embedding: Option<String>,
+    /// Patch side P.
+    pub patch_size: usize,
+    /// Whether token 0 is a CLS token (not a patch).
+    pub has_cls_token: bool,
+}
+
+/// Where the final linear classifier lives, for the linear-layer and label attacks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassifierLayout {
+    /// Name of the weight (classes x features).
+    pub weight: String,
+    /// Name of the bias (classes).
+    pub bias: String,
+}
+
+/// The model as the attacker knows it: the architecture as a function of named parameters, and the
+/// global parameter values. Implemented by the crate that owns the model (fedleak's ViT).
+pub trait TargetModel {
+    /// The global parameters the observed client started from.
+    fn parameters(&self) -> &ParamMap;
+
+    /// The client's training loss for images (B x C x H x W) and target distributions (B x classes)
+    /// under the given parameters (which may be variables, or perturbed copies). The loss must be the
+    /// one the clients minimise (mean over the batch).
+    fn loss(&self, params: &ParamMap, images: &Tensor, targets: &Tensor) -> Result<Tensor>;
+
+    /// Input shape (channels, height, width).
+    fn input_dims(&self) -> (usize, usize, usize);
+
+    /// Number of classes.
+    fn num_classes(&self) -> usize;
+
+    /// The patch-embedding layout, for architectures that have one.
+    fn patch_embedding(&self) -> Option<PatchEmbeddingLayout>;
+
+    /// The final linear classifier's layout.
+    fn classifier(&self) -> ClassifierLayout;
+}
