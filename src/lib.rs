@@ -7,9 +7,11 @@
 
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod data;
 pub mod error;
 pub mod fl;
 pub mod model;
+pub mod report;
 
 pub use error::{Error, Result};

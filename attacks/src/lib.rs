@@ -10,12 +10,24 @@
 
 #![deny(missing_docs)]
 
+mod april;
 mod error;
+mod idlg;
+mod inverting_gradients;
+mod label_counts;
+mod linear;
 mod model;
 mod observation;
 mod reconstruction;
 
+pub use april::{invert_patch_embedding, reconstruct_april, PatchInversion};
 pub use error::{AttackError, Result};
+pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, LabelRecovery};
+pub use inverting_gradients::{
+    invert_gradients, total_variation, GradientMatcher, InvertingGradientsConfig,
+};
+pub use label_counts::{count_labels, round_label_counts, LabelCountConfig};
+pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
 pub use model::{ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
 pub use observation::{Observation, UpdateSource};
 pub use reconstruction::{AttackOutcome, Reconstruction};

@@ -9,7 +9,9 @@ use candle_core::{DType, Tensor};
 use clap::ValueEnum;
 use fedleak::model::{
     cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
+    VitTarget,
 };
+use fedleak_attacks::GradientMatcher;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -20,6 +22,9 @@ use super::{select_device, GlobalArgs};
 pub enum StepArg {
     /// One first-order forward + backward of the cross-entropy (a local training step's gradient).
     Train,
+    /// One Inverting-Gradients step: parameter gradients kept as a graph, the matching objective, and
+    /// its exact gradient with respect to the input (double backward), as in the reference.
+    Attack,
 }
 
 /// Arguments of `fedleak bench`.
@@ -69,6 +74,21 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let images = Tensor::from_vec(pixels, (args.batch, 3, side, side), &device)?;
     let labels: Vec<u32> = (0..args.batch).map(|i| ((i * 7 + 3) % 10) as u32).collect();
     let target = one_hot(&labels, 10, DType::F32, &device)?;
+    let target_model = VitTarget::new(&Checkpoint {
+        config: config.clone(),
+        tensors: tensors.clone(),
+    });
+    let observed: fedleak_attacks::ParamMap = {
+        let grads = cross_entropy(&model.forward(&images)?, &target)?.backward()?;
+        vars.iter()
+            .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.detach())))
+            .collect()
+    };
+    let matcher = GradientMatcher::new(&target_model, &observed, None, &labels, 1e-4)?;
+    let guess: Vec<f32> = (0..args.batch * 3 * side * side)
+        .map(|_| rng.random())
+        .collect();
+    let guess = Tensor::from_vec(guess, (args.batch, 3, side, side), &device)?;
     let mut times = Vec::with_capacity(args.iters);
     for i in 0..args.warmup + args.iters {
         let started = Instant::now();
@@ -83,6 +103,9 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
                     .map(|g| g.sum_all())
                     .transpose()?;
             }
+            StepArg::Attack => {
+                matcher.objective_and_gradient(&guess)?;
+            }
         }
         if i >= args.warmup {
             times.push(started.elapsed().as_secs_f64() * 1e3);
@@ -95,11 +118,18 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         ModelPreset::VitB16_224 => "vitb16",
         _ => "small",
     };
+    let metric = match args.step {
+        StepArg::Train => "fwd_bwd1_median_ms",
+        StepArg::Attack => "attack_iter_median_ms",
+    };
     println!(
-        "RESULT impl=fedleak model={model_name} batch={} iters={} fwd_bwd1_median_ms={median:.2} all={:?}",
+        "RESULT impl=fedleak model={model_name} batch={} iters={} {metric}={median:.2} all={:?}",
         args.batch,
         args.iters,
-        times.iter().map(|t| (t * 10.0).round() / 10.0).collect::<Vec<_>>()
+        times
+            .iter()
+            .map(|t| (t * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
     );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Command-line definition and glue (binary only): flags, device selection, error rendering.
 
+mod attack;
 mod bench;
 mod metrics;
 mod train;
@@ -51,6 +52,8 @@ pub enum DeviceArg {
 pub enum Command {
     /// Train a ViT federatedly (FedSGD or FedAvg) and capture client uploads for attacks.
     Train(train::TrainArgs),
+    /// Run a reconstruction attack on a captured update and score it against the private batch.
+    Attack(attack::AttackArgs),
     /// Score a reconstruction against a reference image (PSNR, SSIM, NMI) as JSON.
     Metrics(metrics::MetricsArgs),
     /// Time a model step (ms per step, median) in the output format of the PyTorch reference.
@@ -61,6 +64,7 @@ pub enum Command {
 pub fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Train(a) => train::run(&args.global, a),
+        Command::Attack(a) => attack::run(&args.global, a),
         Command::Metrics(a) => metrics::run(a),
         Command::Bench(a) => bench::run(&args.global, a),
     }

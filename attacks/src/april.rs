@@ -1,0 +1,418 @@
+//! APRIL's closed form for a ViT: one image read off the gradients of the patch embedding and the
+//! learnable position embedding (Lu et al., "APRIL: Finding the Achilles' Heel on Privacy for Vision
+//! Transformers", CVPR 2022), adapted to the linear patch embedding.
+//!
+//! The embedding of patch token `i` is `z0_i = W x_i + b + pos_i` (`x_i` the flattened patch, `W` the
+//! D x CPP projection). The position embedding enters additively and once, so the gradient of its row
+//! `i` is exactly `g_i = dL/dz0_i`; and `dW = sum_i g_i x_i^T`, `db = sum_i g_i`. Stacking the `g_i` as
+//! the rows of `G` (N x D), the patches `X` (N x CPP) solve `G^T X = dW`, a linear system with a unique
+//! solution when the `N` token gradients are independent (so `N <= D`). It is solved by least squares
+//! in f64 through a Householder QR of `G^T` (no normal equations: the condition number is not
+//! squared), and the patches are put back on the image grid. The bias gradient is redundant; the
+//! relative residual `|sum_i g_i - db| / |db|` is the attack's own consistency check.
+//!
+//! A fixed position table (sin-cos, MAE) is the known defence: its gradient is not transmitted.
+//! This module sees only the observation and the model's layout, never the private image.
+
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+
+use crate::idlg::{infer_label_idlg, LabelOutcome};
+use crate::linear::{not_a_client_update, observed_tensor, tensor_to_f64};
+use crate::model::{PatchEmbeddingLayout, TargetModel};
+use crate::observation::{Observation, UpdateSource};
+use crate::reconstruction::{AttackOutcome, Reconstruction};
+use crate::{AttackError, Result};
+
+/// Name of the attack in reports.
+const ATTACK: &str = "april";
+
+/// The image recovered by [`invert_patch_embedding`], unclamped, with the solve's diagnostics.
+#[derive(Debug, Clone)]
+pub struct PatchInversion {
+    /// The image (1 x C x H x W, f64), exactly as solved: not clamped to [0, 1].
+    pub image: Tensor,
+    /// Relative residual `|sum_i g_i - db| / |db|` of the token gradients against the bias gradient
+    /// (the absolute residual when `db` is zero).
+    pub bias_residual: f64,
+    /// Estimated condition number of the token gradients `G` (ratio of the largest to the smallest
+    /// diagonal entry of its triangular factor).
+    pub condition: f64,
+}
+
+/// Solves the patch embedding's gradients for the one image behind them (see the module docs).
+///
+/// `weight_grad` is the projection weight's gradient (D x C x P x P, or D x CPP), `bias_grad` its
+/// bias's (D), `position_grad` the learnable position embedding's ((1 x) T x D with `T = N + 1` when
+/// the layout has a CLS token, else `N`); `input_dims` is (C, H, W).
+///
+/// # Errors
+/// [`AttackError::Observation`] when a shape does not fit the layout; [`AttackError::Numerical`] when
+/// the token gradients are rank-deficient to the working precision of `weight_grad`'s dtype (always so
+/// when `N > D`).
+///
+/// # Example
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use fedleak_attacks::{invert_patch_embedding, PatchEmbeddingLayout};
+/// let dev = Device::Cpu;
+/// // A 1 x 2 x 2 image with 1 x 1 patches (N = 4) embedded in D = 4 dimensions, token i's gradient 2 e_i:
+/// // dW = sum_i g_i x_i^T = 2 x (as a column), db = (2, 2, 2, 2).
+/// let x = [0.25f64, 0.5, 0.75, 1.0];
+/// let dw = Tensor::new(&x.map(|v| 2.0 * v), &dev)?.reshape((4, 1, 1, 1))?;
+/// let db = Tensor::new(&[2f64, 2., 2., 2.], &dev)?;
+/// let cls_row = Tensor::new(&[[9f64, 9., 9., 9.]], &dev)?;
+/// let tokens = (Tensor::eye(4, candle_core::DType::F64, &dev)? * 2.0)?;
+/// let pos = Tensor::cat(&[&cls_row, &tokens], 0)?.unsqueeze(0)?;
+/// let layout = PatchEmbeddingLayout {
+///     weight: "w".into(),
+///     bias: "b".into(),
+///     position_embedding: Some("pos".into()),
+///     patch_size: 1,
+///     has_cls_token: true,
+/// };
+/// let inv = invert_patch_embedding(&dw, &db, &pos, &layout, (1, 2, 2))?;
+/// assert_eq!(inv.image.flatten_all()?.to_vec1::<f64>()?, x.to_vec());
+/// assert_eq!(inv.bias_residual, 0.0);
+/// # Ok::<(), fedleak_attacks::AttackError>(())
+/// ```
+pub fn invert_patch_embedding(
+    weight_grad: &Tensor,
+    bias_grad: &Tensor,
+    position_grad: &Tensor,
+    layout: &PatchEmbeddingLayout,
+    input_dims: (usize, usize, usize),
+) -> Result<PatchInversion> {
+    let (c, h, w) = input_dims;
+    let p = layout.patch_size;
+    if p == 0 || h % p != 0 || w % p != 0 {
+        return Err(AttackError::Observation {
+            name: layout.weight.clone(),
+            reason: format!("patch size {p} does not tile a {h} x {w} image"),
+        });
+    }
+    let (grid_h, grid_w) = (h / p, w / p);
+    let n = grid_h * grid_w;
+    let k = c * p * p;
+    let d = bias_grad.elem_count();
+    let check = |name: &str, tensor: &Tensor, expected: usize, what: String| -> Result<()> {
+        if tensor.elem_count() == expected {
+            Ok(())
+        } else {
+            Err(AttackError::Observation {
+                name: name.to_string(),
+                reason: format!(
+                    "expected {expected} values ({what}), got shape {:?}",
+                    tensor.dims()
+                ),
+            })
+        }
+    };
+    check(
+        &layout.weight,
+        weight_grad,
+        d * k,
+        format!("{d} x {c} x {p} x {p}"),
+    )?;
+    let cls = usize::from(layout.has_cls_token);
+    let position_name = layout.position_embedding.as_deref().unwrap_or("position");
+    check(
+        position_name,
+        position_grad,
+        (n + cls) * d,
+        format!("{} tokens x {d}", n + cls),
+    )?;
+
+    let dw = tensor_to_f64(weight_grad)?;
+    let db = tensor_to_f64(bias_grad)?;
+    let positions = tensor_to_f64(position_grad)?;
+    // Column i of G^T is token i's gradient.
+    let columns: Vec<Vec<f64>> = positions[cls * d..]
+        .chunks_exact(d)
+        .map(<[f64]>::to_vec)
+        .collect();
+
+    let mut sum = vec![0f64; d];
+    for g in &columns {
+        sum.iter_mut().zip(g).for_each(|(s, v)| *s += v);
+    }
+    let residual = norm(&sum.iter().zip(&db).map(|(s, b)| s - b).collect::<Vec<_>>());
+    let db_norm = norm(&db);
+    let bias_residual = if db_norm > 0.0 {
+        residual / db_norm
+    } else {
+        residual
+    };
+
+    let eps = match weight_grad.dtype() {
+        DType::F64 => f64::EPSILON,
+        DType::F32 => f32::EPSILON as f64,
+        DType::F16 => 9.77e-4,
+        _ => 7.82e-3,
+    };
+    let (patches, condition) = solve_least_squares(columns, dw, k, eps)?;
+
+    let mut image = vec![0f64; c * h * w];
+    for (token, patch) in patches.chunks_exact(k).enumerate() {
+        let (gy, gx) = (token / grid_w, token % grid_w);
+        for (index, &value) in patch.iter().enumerate() {
+            let (ch, rest) = (index / (p * p), index % (p * p));
+            let (row, col) = (gy * p + rest / p, gx * p + rest % p);
+            image[(ch * h + row) * w + col] = value;
+        }
+    }
+    Ok(PatchInversion {
+        image: Tensor::from_vec(image, (1, c, h, w), weight_grad.device())?,
+        bias_residual,
+        condition,
+    })
+}
+
+/// Reconstructs the one image behind a client's update of a ViT with a learnable position embedding,
+/// in closed form (see the module docs); labels from [`infer_label_idlg`] when it applies.
+///
+/// Applies to one client's FedSGD gradient of batch size 1, or its one-step plain-SGD delta (read as
+/// the gradient `-delta / lr`). Not applicable (with the reason) to batches, aggregates, multi-step or
+/// adaptive-optimizer deltas, features, ciphertext, models without a patch embedding, fixed position
+/// tables, and models with more patches than embedding dimensions. Images come back as f32 clamped to
+/// [0, 1] (the solve itself is unclamped, in f64); the objective is the bias-gradient residual.
+///
+/// # Errors
+/// [`AttackError::Observation`] when the update lacks a tensor or its shape differs from the layout;
+/// [`AttackError::Numerical`] when the token gradients are rank-deficient to working precision.
+pub fn reconstruct_april(
+    observation: &Observation,
+    model: &dyn TargetModel,
+) -> Result<AttackOutcome> {
+    let start = Instant::now();
+    let not_applicable = |reason: String| {
+        Ok(AttackOutcome::NotApplicable {
+            attack: ATTACK,
+            reason,
+        })
+    };
+    let (update, source) = match observation {
+        Observation::ClientUpdate {
+            update,
+            source,
+            batch_size: 1,
+        } => (update, source),
+        Observation::ClientUpdate { batch_size, .. } => {
+            return not_applicable(format!(
+                "batch > 1 mixes patches of several images (batch size {batch_size})"
+            ))
+        }
+        other => return not_applicable(not_a_client_update(other)),
+    };
+    let scale = match source {
+        UpdateSource::Gradient => 1.0,
+        UpdateSource::SgdDelta { lr, local_steps: 1 } if lr.is_finite() && *lr > 0.0 => -1.0 / lr,
+        UpdateSource::SgdDelta { lr, local_steps: 1 } => {
+            return not_applicable(format!(
+                "a delta at learning rate {lr} cannot be read as a gradient"
+            ))
+        }
+        UpdateSource::SgdDelta { local_steps, .. } => {
+            return not_applicable(format!(
+                "a {local_steps}-step delta sums gradients taken at different parameters"
+            ))
+        }
+        UpdateSource::OtherDelta { .. } => {
+            return not_applicable(
+                "an adaptive optimizer's delta is not proportional to the gradient".to_string(),
+            )
+        }
+    };
+    let Some(layout) = model.patch_embedding() else {
+        return not_applicable("the model has no patch embedding".to_string());
+    };
+    let Some(position_name) = layout.position_embedding.as_deref() else {
+        return not_applicable(
+            "fixed sin-cos position embedding: its gradient is not observed".to_string(),
+        );
+    };
+    let (c, h, w) = model.input_dims();
+    let weight_grad = observed_tensor(update, &layout.weight)?;
+    let d = weight_grad.dims().first().copied().unwrap_or(0);
+    let p = layout.patch_size.max(1);
+    let n = (h / p) * (w / p);
+    if n > d {
+        return not_applicable(format!(
+            "{n} patches exceed the embedding width {d}: their token gradients cannot be \
+             linearly independent, the patches are not determined"
+        ));
+    }
+    let rescale = |t: &Tensor| -> Result<Tensor> {
+        Ok(if scale == 1.0 {
+            t.clone()
+        } else {
+            t.affine(scale, 0.0)?
+        })
+    };
+    let inversion = invert_patch_embedding(
+        &rescale(weight_grad)?,
+        &rescale(observed_tensor(update, &layout.bias)?)?,
+        &rescale(observed_tensor(update, position_name)?)?,
+        &layout,
+        (c, h, w),
+    )?;
+    let images = inversion.image.to_dtype(DType::F32)?.clamp(0f32, 1f32)?;
+    let labels = match infer_label_idlg(observation, model) {
+        Ok(LabelOutcome::Recovered(recovery)) => Some(recovery.labels),
+        Ok(LabelOutcome::NotApplicable { .. }) | Err(_) => None,
+    };
+    Ok(AttackOutcome::Reconstructed(Reconstruction {
+        images,
+        labels,
+        attack: ATTACK,
+        iterations: 0,
+        restarts: 1,
+        objective: inversion.bias_residual,
+        seconds: start.elapsed().as_secs_f64(),
+    }))
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Least-squares solution `X` (N x K, row-major) of `A X = B`, `A` given by its `N` columns of length
+/// `D` and `B` row-major (D x K), through a Householder QR of `A`; also the condition estimate
+/// `max |R_ii| / min |R_ii|`. Fails when that exceeds `1 / eps` (rank-deficient to working precision).
+fn solve_least_squares(
+    mut columns: Vec<Vec<f64>>,
+    mut rhs: Vec<f64>,
+    k: usize,
+    eps: f64,
+) -> Result<(Vec<f64>, f64)> {
+    let n = columns.len();
+    let d = columns.first().map_or(0, Vec::len);
+    if n > d {
+        return Err(AttackError::Numerical {
+            attack: ATTACK,
+            reason: format!("{n} unknown patches but only {d} equations per pixel"),
+        });
+    }
+    let mut diagonal = Vec::with_capacity(n);
+    let mut projected = vec![0f64; k];
+    for j in 0..n {
+        let head = &columns[j][j..];
+        let length = norm(head);
+        if !(length > 0.0 && length.is_finite()) {
+            return Err(AttackError::Numerical {
+                attack: ATTACK,
+                reason: format!(
+                    "token gradient {} is zero or not finite after removing the others' span \
+                     (norm {length}): the patches are not determined",
+                    j + 1
+                ),
+            });
+        }
+        let alpha = if head[0] > 0.0 { -length } else { length };
+        let mut v = head.to_vec();
+        v[0] -= alpha;
+        let beta = 2.0 / v.iter().map(|x| x * x).sum::<f64>();
+        for column in columns.iter_mut().skip(j + 1) {
+            let dot: f64 = v.iter().zip(&column[j..]).map(|(a, b)| a * b).sum();
+            let f = beta * dot;
+            column[j..]
+                .iter_mut()
+                .zip(&v)
+                .for_each(|(c, a)| *c -= f * a);
+        }
+        projected.iter_mut().for_each(|x| *x = 0.0);
+        for (r, &vr) in v.iter().enumerate() {
+            let row = &rhs[(j + r) * k..(j + r + 1) * k];
+            projected
+                .iter_mut()
+                .zip(row)
+                .for_each(|(x, b)| *x += vr * b);
+        }
+        for (r, &vr) in v.iter().enumerate() {
+            let row = &mut rhs[(j + r) * k..(j + r + 1) * k];
+            let f = beta * vr;
+            row.iter_mut()
+                .zip(&projected)
+                .for_each(|(b, x)| *b -= f * x);
+        }
+        columns[j][j] = alpha;
+        diagonal.push(alpha.abs());
+    }
+    let largest = diagonal.iter().copied().fold(0.0, f64::max);
+    let smallest = diagonal.iter().copied().fold(f64::INFINITY, f64::min);
+    let condition = largest / smallest;
+    if condition * eps >= 1.0 {
+        return Err(AttackError::Numerical {
+            attack: ATTACK,
+            reason: format!(
+                "the token gradients are rank-deficient to working precision (condition estimate \
+                 {condition:.3e}, precision {eps:.1e}): the patches are not determined"
+            ),
+        });
+    }
+    // Back substitution R X = (Q^T B)[..n].
+    let mut solution = vec![0f64; n * k];
+    for i in (0..n).rev() {
+        let mut row = rhs[i * k..(i + 1) * k].to_vec();
+        for j in i + 1..n {
+            let r = columns[j][i];
+            let known = &solution[j * k..(j + 1) * k];
+            row.iter_mut().zip(known).for_each(|(x, s)| *x -= r * s);
+        }
+        let pivot = columns[i][i];
+        solution[i * k..(i + 1) * k]
+            .iter_mut()
+            .zip(&row)
+            .for_each(|(s, x)| *s = x / pivot);
+    }
+    Ok((solution, condition))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) from a fixed LCG.
+    fn lcg(count: usize, seed: u64) -> Vec<f64> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn least_squares_recovers_a_random_overdetermined_system() {
+        let (d, n, k) = (12, 5, 3);
+        let columns: Vec<Vec<f64>> = (0..n).map(|i| lcg(d, i as u64)).collect();
+        let x = lcg(n * k, 99);
+        let mut b = vec![0f64; d * k];
+        for (i, column) in columns.iter().enumerate() {
+            for r in 0..d {
+                for c in 0..k {
+                    b[r * k + c] += column[r] * x[i * k + c];
+                }
+            }
+        }
+        let (got, condition) = solve_least_squares(columns, b, k, f64::EPSILON).unwrap();
+        let err = got
+            .iter()
+            .zip(&x)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(err < 1e-13, "max error {err}, condition {condition}");
+    }
+
+    #[test]
+    fn dependent_columns_are_reported() {
+        let a = lcg(6, 1);
+        let columns = vec![a.clone(), a.iter().map(|v| 2.0 * v).collect()];
+        let err = solve_least_squares(columns, vec![0.0; 6], 1, f64::EPSILON).unwrap_err();
+        assert!(err.to_string().contains("not determined"), "{err}");
+    }
+}

@@ -1,0 +1,279 @@
+//! How many images of each class a batch (or an aggregate of batches) holds, from the last layer's
+//! bias gradient: the "impression" estimate of the LLG family (Wainakh et al., "User-Level Label
+//! Leakage from Gradients in Federated Learning", PETS 2022; Geng et al., "Towards General Deep Leakage
+//! in Federated Learning", 2021).
+//!
+//! For the mean cross-entropy over `B` images the classifier-bias gradient is
+//! `db = (1/B) sum_b (p_b - onehot(y_b))`, so the number of images of class `c` is exactly
+//! `n_c = B (mean_b p_bc - db_c)`. The attacker does not know the images' probabilities; it estimates
+//! their mean by the mean softmax of the global model over uniform-random dummy images in [0, 1]
+//! (seeded; [`LabelCountConfig`]), read through the model's own loss: for dummy images all labelled
+//! class 0, the bias gradient of the loss is `mean p - e_0`. The raw estimates sum to `B` exactly (both
+//! `p` and `onehot` sum to one); negative ones are set to zero, the rest rescaled to sum to `B` and
+//! rounded by largest remainder, so the counts are non-negative integers summing to `B`.
+//!
+//! The estimate is exact up to how well the dummy mean stands in for the private one: near a fresh
+//! initialisation (nearly uniform outputs) it is almost exact; a trained, confident model's outputs
+//! on noise differ more from those on real images. This module never sees the private labels.
+
+use std::num::NonZeroUsize;
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::idlg::{LabelOutcome, LabelRecovery};
+use crate::linear::{observed_tensor, tensor_to_f64};
+use crate::model::TargetModel;
+use crate::observation::{Observation, UpdateSource};
+use crate::{AttackError, Result};
+
+/// Name of the attack in reports.
+const ATTACK: &str = "label-counts";
+
+/// Dummy images per forward pass (bounds memory on large models).
+const DUMMY_CHUNK: usize = 16;
+
+/// Settings of the label-count attack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelCountConfig {
+    /// Number of uniform-random dummy images whose mean softmax stands in for the batch's.
+    pub dummy_images: NonZeroUsize,
+    /// Seed of the dummy images.
+    pub seed: u64,
+}
+
+impl Default for LabelCountConfig {
+    fn default() -> Self {
+        Self {
+            dummy_images: NonZeroUsize::new(32).expect("32 is not zero"),
+            seed: 0,
+        }
+    }
+}
+
+/// Rounds non-negative-or-not real counts to non-negative integers summing to `total`: negatives are
+/// set to zero, the rest rescaled to sum to `total`, floored, and the missing units given to the
+/// largest fractional parts (ties to the smaller class).
+///
+/// # Errors
+/// [`AttackError::Numerical`] when no estimate is positive (or one is not finite).
+///
+/// # Example
+/// ```
+/// let counts = fedleak_attacks::round_label_counts(&[2.6, 1.3, 0.4, -0.3], 4)?;
+/// // Clamped (2.6, 1.3, 0.4, 0) sum to 4.3 -> scaled (2.42, 1.21, 0.37, 0) -> floors (2, 1, 0, 0)
+/// // -> one unit left, to the largest remainder (0.42, class 0).
+/// assert_eq!(counts, vec![3, 1, 0, 0]);
+/// # Ok::<(), fedleak_attacks::AttackError>(())
+/// ```
+pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>> {
+    let clamped: Vec<f64> = estimates.iter().map(|&e| e.max(0.0)).collect();
+    let sum: f64 = clamped.iter().sum();
+    if !(sum > 0.0 && sum.is_finite()) {
+        return Err(AttackError::Numerical {
+            attack: ATTACK,
+            reason: format!("the class-count estimates {estimates:?} have no positive entry"),
+        });
+    }
+    let scaled: Vec<f64> = clamped.iter().map(|c| c * total as f64 / sum).collect();
+    let mut counts: Vec<usize> = scaled.iter().map(|s| s.floor() as usize).collect();
+    let assigned: usize = counts.iter().sum();
+    let mut order: Vec<usize> = (0..scaled.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (ra, rb) = (scaled[a] - scaled[a].floor(), scaled[b] - scaled[b].floor());
+        rb.total_cmp(&ra).then(a.cmp(&b))
+    });
+    for &class in order.iter().take(total.saturating_sub(assigned)) {
+        counts[class] += 1;
+    }
+    Ok(counts)
+}
+
+/// Recovers the labels of every image behind an update, as a sorted list (the counts per class; which
+/// image has which label is not determined).
+///
+/// Applies to one client's update (`batch_size` images) or an aggregate of `clients` updates
+/// (`clients * batch_size` images): a FedSGD gradient, or a plain-SGD delta, read as the gradient
+/// `-delta / (lr * local_steps)` (exact for one step; for several steps on the same batch it is the
+/// mean of gradients at drifting parameters, an approximation). Not applicable to adaptive-optimizer
+/// deltas (their per-entry rescaling loses the magnitudes), features or ciphertext. The objective is
+/// `sum_c |raw_c - n_c| / B`, how far the raw estimates were from the integer counts returned.
+///
+/// # Errors
+/// [`AttackError::Observation`] when the update lacks the classifier bias or the global parameters lack
+/// it; [`AttackError::Numerical`] when no estimate is positive; candle errors of the dummy pass.
+pub fn count_labels(
+    observation: &Observation,
+    model: &dyn TargetModel,
+    config: &LabelCountConfig,
+) -> Result<LabelOutcome> {
+    let start = Instant::now();
+    let not_applicable = |reason: String| {
+        Ok(LabelOutcome::NotApplicable {
+            attack: ATTACK,
+            reason,
+        })
+    };
+    let (update, source, images) = match observation {
+        Observation::ClientUpdate {
+            update,
+            source,
+            batch_size,
+        } => (update, source, *batch_size),
+        Observation::Aggregate {
+            update,
+            source,
+            clients,
+            batch_size,
+        } => (update, source, clients * batch_size),
+        Observation::Features { .. } => {
+            return not_applicable(
+                "features are observed in the clear; there is no gradient to read".to_string(),
+            )
+        }
+        Observation::Ciphertext { description } => {
+            return not_applicable(format!("only ciphertext is observed ({description})"))
+        }
+    };
+    if images == 0 {
+        return not_applicable("the update holds no images (batch size 0)".to_string());
+    }
+    let scale = match source {
+        UpdateSource::Gradient => 1.0,
+        UpdateSource::SgdDelta { lr, local_steps } => {
+            let steps = *local_steps as f64;
+            if !(lr.is_finite() && *lr > 0.0 && steps > 0.0) {
+                return not_applicable(format!(
+                    "a delta of {local_steps} step(s) at learning rate {lr} cannot be read as a gradient"
+                ));
+            }
+            -1.0 / (lr * steps)
+        }
+        UpdateSource::OtherDelta { .. } => {
+            return not_applicable(
+                "an adaptive optimizer's delta rescales each entry; the bias gradient's magnitudes are lost"
+                    .to_string(),
+            )
+        }
+    };
+    let bias_name = model.classifier().bias;
+    let db: Vec<f64> = tensor_to_f64(observed_tensor(update, &bias_name)?)?
+        .into_iter()
+        .map(|v| v * scale)
+        .collect();
+    let mean_p = estimate_mean_probabilities(model, &bias_name, config)?;
+    if mean_p.len() != db.len() {
+        return Err(AttackError::Observation {
+            name: bias_name,
+            reason: format!(
+                "the update has {} entries, the model {} classes",
+                db.len(),
+                mean_p.len()
+            ),
+        });
+    }
+    let total = images as f64;
+    let raw: Vec<f64> = mean_p
+        .iter()
+        .zip(&db)
+        .map(|(p, g)| total * (p - g))
+        .collect();
+    let counts = round_label_counts(&raw, images)?;
+    let objective = raw
+        .iter()
+        .zip(&counts)
+        .map(|(r, &n)| (r - n as f64).abs())
+        .sum::<f64>()
+        / total;
+    let labels = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(class, &n)| std::iter::repeat_n(class as u32, n))
+        .collect();
+    Ok(LabelOutcome::Recovered(LabelRecovery {
+        labels,
+        attack: ATTACK,
+        objective,
+        seconds: start.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The global model's mean softmax over uniform-random dummy images, read as the bias gradient of the
+/// model's loss with every dummy labelled class 0 (`mean p - e_0`).
+fn estimate_mean_probabilities(
+    model: &dyn TargetModel,
+    bias_name: &str,
+    config: &LabelCountConfig,
+) -> Result<Vec<f64>> {
+    let mut params = model.parameters().clone();
+    let bias = params
+        .get(bias_name)
+        .ok_or_else(|| AttackError::Observation {
+            name: bias_name.to_string(),
+            reason: "absent from the model's global parameters".to_string(),
+        })?;
+    let (dtype, device) = (bias.dtype(), bias.device().clone());
+    let var = Var::from_tensor(&bias.detach())?;
+    params.insert(bias_name.to_string(), var.as_tensor().clone());
+    let classes = model.num_classes();
+    let (c, h, w) = model.input_dims();
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let total = config.dummy_images.get();
+    let mut sum = vec![0f64; classes];
+    let mut done = 0;
+    while done < total {
+        let n = DUMMY_CHUNK.min(total - done);
+        let pixels: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+        let images = Tensor::from_vec(pixels, (n, c, h, w), &device)?.to_dtype(dtype)?;
+        let mut targets = vec![0f32; n * classes];
+        targets.iter_mut().step_by(classes).for_each(|t| *t = 1.0);
+        let targets = Tensor::from_vec(targets, (n, classes), &device)?.to_dtype(dtype)?;
+        let loss = model.loss(&params, &images, &targets)?;
+        let grads = loss.backward()?;
+        let grad = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| AttackError::Numerical {
+                attack: ATTACK,
+                reason: format!("the model's loss does not depend on `{bias_name}`"),
+            })?;
+        for (s, g) in sum.iter_mut().zip(tensor_to_f64(grad)?) {
+            *s += g * n as f64;
+        }
+        done += n;
+    }
+    let mut mean_p: Vec<f64> = sum.into_iter().map(|s| s / total as f64).collect();
+    if let Some(first) = mean_p.first_mut() {
+        *first += 1.0;
+    }
+    Ok(mean_p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_non_negative_and_sum_to_the_batch() {
+        for (raw, total) in [
+            (vec![7.9, 0.2, -0.1], 8),
+            (vec![1.0, 1.0, 1.0], 3),
+            (vec![0.34, 0.33, 0.33], 1),
+            (vec![-5.0, 2.0, 11.0], 8),
+        ] {
+            let counts = round_label_counts(&raw, total).unwrap();
+            assert_eq!(counts.iter().sum::<usize>(), total, "{raw:?}");
+        }
+        assert_eq!(
+            round_label_counts(&[7.9, 0.2, -0.1], 8).unwrap(),
+            vec![8, 0, 0]
+        );
+        assert_eq!(
+            round_label_counts(&[0.34, 0.33, 0.33], 1).unwrap(),
+            vec![1, 0, 0]
+        );
+        assert!(round_label_counts(&[-1.0, 0.0], 2).is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! What the honest-but-curious server observes of a captured plain (unprotected) upload.
+
+use candle_core::{Device, Tensor};
+use fedleak_attacks::{Observation, UpdateSource};
+
+use crate::data::{load_data, DataSpec};
+use crate::fl::{Capture, OptimizerKind, UpdateKind};
+use crate::Result;
+
+/// The server's view of one plain client upload: the decoded update and how it was produced (from the
+/// sidecar, which a server knows because it sets the training plan).
+pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation> {
+    let origin = format!(
+        "capture of round {} client {}",
+        capture.meta.round, capture.meta.client
+    );
+    let update = capture.transmission.decode_plain(&origin, device)?;
+    let meta = &capture.meta;
+    let source = match meta.update_kind {
+        UpdateKind::Gradient => UpdateSource::Gradient,
+        UpdateKind::WeightDelta if meta.optimizer == OptimizerKind::Sgd && meta.momentum == 0.0 => {
+            UpdateSource::SgdDelta {
+                lr: meta.lr,
+                local_steps: meta.local_steps,
+            }
+        }
+        UpdateKind::WeightDelta => UpdateSource::OtherDelta {
+            lr: meta.lr,
+            local_steps: meta.local_steps,
+        },
+    };
+    Ok(Observation::ClientUpdate {
+        update,
+        source,
+        batch_size: meta.batch_size,
+    })
+}
+
+/// The private images behind a capture, for scoring only.
+#[derive(Debug, Clone)]
+pub struct PrivateImages {
+    /// Images (B x C x H x W) in the order of the first local step's batch (then any further distinct
+    /// images of later steps).
+    pub images: Tensor,
+    /// Their labels.
+    pub labels: Vec<u32>,
+}
+
+/// Loads the private images of a capture (its `private` record) in the model's input shape.
+pub fn private_images(capture: &Capture, device: &Device) -> Result<Option<PrivateImages>> {
+    let Some(private) = &capture.private else {
+        return Ok(None);
+    };
+    let spec = DataSpec::parse(&private.data)?;
+    let shape = capture.global.config.input_shape();
+    let data = load_data(&spec, shape, capture.meta.seed)?;
+    let mut indices: Vec<usize> = Vec::new();
+    for step in &private.step_indices {
+        for &i in step {
+            if !indices.contains(&i) {
+                indices.push(i);
+            }
+        }
+    }
+    let mut values = Vec::with_capacity(indices.len() * shape.len());
+    for &i in &indices {
+        values.extend_from_slice(data.train.image(i));
+    }
+    let images = Tensor::from_vec(
+        values,
+        (indices.len(), shape.channels, shape.height, shape.width),
+        device,
+    )?;
+    let labels = indices.iter().map(|&i| data.train.labels[i]).collect();
+    Ok(Some(PrivateImages { images, labels }))
+}

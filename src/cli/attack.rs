@@ -1,0 +1,264 @@
+//! `fedleak attack`: runs a reconstruction attack on a capture written by `fedleak train` (or by another
+//! FL system in the same format), writes the reconstructions, a grid against the private batch when it is
+//! known, and one CSV row per image.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use clap::ValueEnum;
+use fedleak::audit::{observation_of, private_images};
+use fedleak::fl::read_capture;
+use fedleak::model::VitTarget;
+use fedleak::report::{image_grid, write_png};
+use fedleak_attacks::{
+    count_labels, infer_label_idlg, invert_gradients, reconstruct_april, AttackOutcome,
+    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
+};
+use fedleak_metrics::{match_batch, ImageDims};
+use serde::Serialize;
+
+use super::{select_device, GlobalArgs, UsageError};
+
+/// Which attack to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttackArg {
+    /// The strongest applicable attack: the APRIL closed form when it applies, else Inverting Gradients.
+    Auto,
+    /// The APRIL-style closed form (batch 1, learnable position embedding).
+    April,
+    /// Inverting Gradients (optimisation, second-order autograd).
+    Ig,
+}
+
+/// Arguments of `fedleak attack`.
+#[derive(Debug, clap::Args)]
+pub struct AttackArgs {
+    /// A captured update: `captures/round-NNNN/client-K` (or a file in it).
+    #[arg(long)]
+    pub capture: PathBuf,
+    /// The attack.
+    #[arg(long, value_enum, default_value_t = AttackArg::Auto)]
+    pub attack: AttackArg,
+    /// Optimisation iterations per restart.
+    #[arg(long, default_value_t = InvertingGradientsConfig::default().iterations)]
+    pub iterations: usize,
+    /// Random restarts (the best by matching objective is kept, never by ground truth).
+    #[arg(long, default_value_t = InvertingGradientsConfig::default().restarts)]
+    pub restarts: usize,
+    /// Weight of the total-variation prior.
+    #[arg(long, default_value_t = InvertingGradientsConfig::default().tv_weight)]
+    pub tv_weight: f64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// One row of `results.csv`: one reconstructed image.
+#[derive(Debug, Serialize)]
+struct ResultRow {
+    round: usize,
+    client: usize,
+    attack: &'static str,
+    image: usize,
+    private_index: Option<usize>,
+    psnr_db: Option<f64>,
+    ssim: Option<f64>,
+    ssim_skimage: Option<f64>,
+    nmi: Option<f64>,
+    label: Option<u32>,
+    true_label: Option<u32>,
+    label_correct: Option<bool>,
+    iterations: usize,
+    restarts: usize,
+    objective: f64,
+    attack_seconds: f64,
+}
+
+/// Recovers one label per image: iDLG for a single image, label counts for a batch.
+fn recover_labels(
+    observation: &Observation,
+    target: &VitTarget,
+) -> Result<Result<Vec<u32>, String>> {
+    let single = matches!(observation, Observation::ClientUpdate { batch_size: 1, .. });
+    let outcome = if single {
+        infer_label_idlg(observation, target)?
+    } else {
+        count_labels(observation, target, &LabelCountConfig::default())?
+    };
+    Ok(match outcome {
+        LabelOutcome::Recovered(r) => Ok(r.labels),
+        LabelOutcome::NotApplicable { attack, reason } => Err(format!("{attack}: {reason}")),
+    })
+}
+
+/// Runs `fedleak attack`.
+pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
+    let device = select_device(global.device)?;
+    if !args.capture.exists() {
+        return Err(UsageError(format!(
+            "`--capture {}` does not exist\nhint: point it at `captures/round-NNNN/client-K` in the output of `fedleak train`",
+            args.capture.display()
+        ))
+        .into());
+    }
+    let capture = read_capture(&args.capture, true, &device)?;
+    let target = VitTarget::new(&capture.global);
+    let observation = observation_of(&capture, &device)?;
+    let config = InvertingGradientsConfig {
+        iterations: args.iterations,
+        restarts: args.restarts,
+        tv_weight: args.tv_weight,
+        seed: global.seed,
+        ..InvertingGradientsConfig::default()
+    };
+    let closed_form = match args.attack {
+        AttackArg::Auto | AttackArg::April => Some(reconstruct_april(&observation, &target)?),
+        AttackArg::Ig => None,
+    };
+    let outcome = match (args.attack, closed_form) {
+        (AttackArg::April, Some(outcome)) => outcome,
+        (_, Some(outcome @ AttackOutcome::Reconstructed(_))) => outcome,
+        (_, closed_form) => {
+            if let Some(AttackOutcome::NotApplicable { reason, .. }) = closed_form {
+                tracing::info!(
+                    "closed form not applicable ({reason}); running Inverting Gradients"
+                );
+            }
+            match recover_labels(&observation, &target)? {
+                Ok(labels) => invert_gradients(&observation, &target, &labels, &config)?,
+                Err(reason) => AttackOutcome::NotApplicable {
+                    attack: "ig",
+                    reason: format!("labels could not be recovered ({reason})"),
+                },
+            }
+        }
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
+    let reconstruction = match outcome {
+        AttackOutcome::Reconstructed(r) => r,
+        AttackOutcome::NotApplicable { attack, reason } => {
+            println!(
+                "{}",
+                serde_json::json!({"attack": attack, "not_applicable": reason})
+            );
+            return Ok(());
+        }
+    };
+    let rows = write_outputs(&capture, &reconstruction, &args, &device)?;
+    let scored: Vec<f64> = rows.iter().filter_map(|r| r.psnr_db).collect();
+    let summary = serde_json::json!({
+        "attack": reconstruction.attack,
+        "images": rows.len(),
+        "psnr_db_mean": (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64),
+        "ssim_mean": mean(rows.iter().filter_map(|r| r.ssim)),
+        "label_accuracy": mean(rows.iter().filter_map(|r| r.label_correct.map(f64::from))),
+        "attack_seconds": reconstruction.seconds,
+        "objective": reconstruction.objective,
+        "out": args.out,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = values.collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn image_values(images: &Tensor, index: usize) -> Result<Vec<f32>> {
+    Ok(images.get(index)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Writes reconstructions, the grid and `results.csv`; returns the rows.
+fn write_outputs(
+    capture: &fedleak::fl::Capture,
+    reconstruction: &Reconstruction,
+    args: &AttackArgs,
+    device: &candle_core::Device,
+) -> Result<Vec<ResultRow>> {
+    let images = &reconstruction.images;
+    let count = images.dim(0)?;
+    let images_dir = args.out.join("reconstructions");
+    std::fs::create_dir_all(&images_dir)
+        .with_context(|| format!("cannot create `{}`", images_dir.display()))?;
+    for i in 0..count {
+        write_png(&images.get(i)?, &images_dir.join(format!("image-{i}.png")))?;
+    }
+    let private = private_images(capture, device)?;
+    let mut rows: Vec<ResultRow> = (0..count)
+        .map(|i| ResultRow {
+            round: capture.meta.round,
+            client: capture.meta.client,
+            attack: reconstruction.attack,
+            image: i,
+            private_index: None,
+            psnr_db: None,
+            ssim: None,
+            ssim_skimage: None,
+            nmi: None,
+            label: reconstruction
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(i).copied()),
+            true_label: None,
+            label_correct: None,
+            iterations: reconstruction.iterations,
+            restarts: reconstruction.restarts,
+            objective: reconstruction.objective,
+            attack_seconds: reconstruction.seconds,
+        })
+        .collect();
+    if let Some(private) = private {
+        let (_, c, h, w) = private.images.dims4()?;
+        let dims = ImageDims::new(c, h, w);
+        let refs: Vec<Vec<f32>> = (0..private.images.dim(0)?)
+            .map(|i| image_values(&private.images, i))
+            .collect::<Result<_>>()?;
+        let recs: Vec<Vec<f32>> = (0..count)
+            .map(|i| image_values(images, i))
+            .collect::<Result<_>>()?;
+        let matching = match_batch(
+            &refs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            &recs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+            dims,
+        )?;
+        let mut ordered = Vec::new();
+        for pair in &matching.pairs {
+            let row = &mut rows[pair.reconstruction];
+            row.private_index = Some(pair.reference);
+            row.psnr_db = Some(pair.score.psnr_db);
+            row.ssim = Some(pair.score.ssim);
+            row.ssim_skimage = Some(pair.score.ssim_skimage);
+            row.nmi = Some(pair.score.nmi);
+            row.true_label = Some(private.labels[pair.reference]);
+            row.label_correct = row.label.map(|l| l == private.labels[pair.reference]);
+            ordered.push(pair.reconstruction);
+        }
+        let matched = Tensor::stack(
+            &ordered
+                .iter()
+                .map(|&j| images.get(j))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        let references = Tensor::stack(
+            &matching
+                .pairs
+                .iter()
+                .map(|p| private.images.get(p.reference))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
+        image_grid(&[&references, &matched], 4, &args.out.join("grid.png"))?;
+    }
+    let path = args.out.join("results.csv");
+    let mut writer = csv::Writer::from_path(&path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
+    for row in &rows {
+        writer.serialize(row)?;
+    }
+    writer.flush()?;
+    Ok(rows)
+}

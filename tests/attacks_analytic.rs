@@ -1,0 +1,542 @@
+//! The closed-form attacks (APRIL, linear-layer inversion, iDLG, label counts) on true gradients of real
+//! fixture images through fedleak's ViT, scored against the private images and labels here, outside the
+//! attacks crate.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use fedleak::data::{load_data, DataSpec, Dataset};
+use fedleak::model::{
+    init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind, VitConfig, VitTarget,
+};
+use fedleak_attacks::{
+    count_labels, infer_label_idlg, invert_patch_embedding, reconstruct_april,
+    recover_classifier_input, AttackOutcome, FeatureOutcome, LabelCountConfig, LabelOutcome,
+    Observation, ParamMap, TargetModel, UpdateSource,
+};
+use fedleak_metrics::{psnr_db, ImageDims};
+
+fn dataset(spec: &str, cfg: &VitConfig) -> Dataset {
+    load_data(&DataSpec::parse(spec).unwrap(), cfg.input_shape(), 1)
+        .unwrap()
+        .train
+}
+
+fn config(preset: ModelPreset, data: &Dataset, positions: PositionEmbeddingKind) -> VitConfig {
+    preset.config(&data.class_names, positions)
+}
+
+fn target(cfg: &VitConfig, dtype: DType) -> VitTarget {
+    VitTarget::new(&Checkpoint {
+        config: cfg.clone(),
+        tensors: init_parameters(cfg, 5, dtype, &Device::Cpu).unwrap(),
+    })
+}
+
+/// Images `indices` of `data` as a B x C x H x W tensor.
+fn batch(data: &Dataset, indices: &[usize], dtype: DType) -> Tensor {
+    let s = data.shape;
+    let values: Vec<f32> = indices
+        .iter()
+        .flat_map(|&i| data.image(i).to_vec())
+        .collect();
+    Tensor::from_vec(
+        values,
+        (indices.len(), s.channels, s.height, s.width),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(dtype)
+    .unwrap()
+}
+
+/// The true gradient of the mean cross-entropy of `images` with `labels`, by parameter name.
+fn true_gradient(target: &VitTarget, images: &Tensor, labels: &[u32]) -> ParamMap {
+    let vars: BTreeMap<String, Var> = target
+        .parameters()
+        .iter()
+        .map(|(name, t)| (name.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let params: ParamMap = vars
+        .iter()
+        .map(|(name, v)| (name.clone(), v.as_tensor().clone()))
+        .collect();
+    let targets = one_hot(labels, target.num_classes(), images.dtype(), &Device::Cpu).unwrap();
+    let grads = target
+        .loss(&params, images, &targets)
+        .unwrap()
+        .backward()
+        .unwrap();
+    vars.iter()
+        .map(|(name, v)| (name.clone(), grads.get(v.as_tensor()).unwrap().clone()))
+        .collect()
+}
+
+fn fedsgd(update: ParamMap, batch_size: usize) -> Observation {
+    Observation::ClientUpdate {
+        update,
+        source: UpdateSource::Gradient,
+        batch_size,
+    }
+}
+
+/// The first index of each label in `wanted`, never reusing an index.
+fn pick(data: &Dataset, wanted: &[u32]) -> Vec<usize> {
+    let mut used = vec![false; data.len()];
+    wanted
+        .iter()
+        .map(|&label| {
+            let i = (0..data.len())
+                .find(|&i| !used[i] && data.labels[i] == label)
+                .unwrap();
+            used[i] = true;
+            i
+        })
+        .collect()
+}
+
+fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn reconstruction(outcome: AttackOutcome) -> fedleak_attacks::Reconstruction {
+    match outcome {
+        AttackOutcome::Reconstructed(r) => r,
+        AttackOutcome::NotApplicable { reason, .. } => panic!("not applicable: {reason}"),
+    }
+}
+
+fn not_applicable_reason(outcome: AttackOutcome) -> String {
+    match outcome {
+        AttackOutcome::NotApplicable { attack, reason } => {
+            assert_eq!(attack, "april");
+            reason
+        }
+        AttackOutcome::Reconstructed(_) => panic!("expected not applicable"),
+    }
+}
+
+/// Fraction of `truth` matched by `recovered` as multisets (sum over classes of the smaller count).
+fn count_overlap(truth: &[u32], recovered: &[u32], classes: usize) -> usize {
+    let counts = |labels: &[u32]| {
+        let mut c = vec![0usize; classes];
+        labels.iter().for_each(|&l| c[l as usize] += 1);
+        c
+    };
+    let (a, b) = (counts(truth), counts(recovered));
+    a.iter().zip(&b).map(|(x, y)| x.min(y)).sum()
+}
+
+#[test]
+fn april_recovers_a_real_ihc_tile_through_vit_tiny_in_f32() {
+    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(
+        ModelPreset::VitTiny32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    let target = target(&cfg, DType::F32);
+    let index = 3;
+    let image = batch(&data, &[index], DType::F32);
+    let label = data.labels[index];
+    let gradient = true_gradient(&target, &image, &[label]);
+    let dims = ImageDims::new(3, 32, 32);
+
+    let start = Instant::now();
+    let r = reconstruction(reconstruct_april(&fedsgd(gradient.clone(), 1), &target).unwrap());
+    let seconds = start.elapsed().as_secs_f64();
+    assert_eq!(r.images.dims(), &[1, 3, 32, 32]);
+    let psnr = psnr_db(data.image(index), &f32_values(&r.images), dims).unwrap();
+    println!(
+        "april f32 vit-tiny-32: psnr {psnr:.1} dB, bias residual {:.2e}, {seconds:.3} s",
+        r.objective
+    );
+    assert!(psnr >= 80.0, "APRIL reached only {psnr} dB");
+    assert!(r.objective < 1e-3, "bias residual {}", r.objective);
+    assert_eq!(r.labels, Some(vec![label]));
+
+    // The one-step FedAvg delta of plain SGD is -lr times the gradient: the same image.
+    let lr = 0.05;
+    let delta: ParamMap = gradient
+        .iter()
+        .map(|(k, g)| (k.clone(), (g * -lr).unwrap()))
+        .collect();
+    let observation = Observation::ClientUpdate {
+        update: delta,
+        source: UpdateSource::SgdDelta { lr, local_steps: 1 },
+        batch_size: 1,
+    };
+    let r = reconstruction(reconstruct_april(&observation, &target).unwrap());
+    let psnr_delta = psnr_db(data.image(index), &f32_values(&r.images), dims).unwrap();
+    println!("april f32 vit-tiny-32 from a one-step SGD delta: psnr {psnr_delta:.1} dB");
+    assert!(psnr_delta >= 80.0, "APRIL on the delta: {psnr_delta} dB");
+    assert_eq!(r.labels, Some(vec![label]));
+
+    // Two local steps sum gradients at different parameters: refused with the reason.
+    let observation = Observation::ClientUpdate {
+        update: gradient,
+        source: UpdateSource::SgdDelta { lr, local_steps: 2 },
+        batch_size: 1,
+    };
+    let reason = not_applicable_reason(reconstruct_april(&observation, &target).unwrap());
+    assert!(reason.contains("2-step delta"), "{reason}");
+}
+
+#[test]
+fn april_is_exact_to_float_precision_in_f64_also_away_from_initialisation() {
+    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(
+        ModelPreset::VitTiny32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    let fresh = target(&cfg, DType::F64);
+    // A state away from initialisation: every parameter moved by a deterministic perturbation as
+    // large as the initial weights.
+    let mut moved = fresh.parameters().clone();
+    for (i, value) in moved.values_mut().enumerate() {
+        let ramp = Tensor::arange(0u32, value.elem_count() as u32, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .reshape(value.shape())
+            .unwrap();
+        let wiggle = ((ramp * (0.7 + i as f64)).unwrap().sin().unwrap() * 0.03).unwrap();
+        *value = (value.clone() + wiggle).unwrap();
+    }
+    let moved = VitTarget::new(&Checkpoint {
+        config: cfg.clone(),
+        tensors: moved,
+    });
+    for (state, target) in [("initial", &fresh), ("perturbed", &moved)] {
+        let index = 10;
+        let image = batch(&data, &[index], DType::F64);
+        let gradient = true_gradient(target, &image, &[data.labels[index]]);
+        let layout = target.patch_embedding().unwrap();
+        let inversion = invert_patch_embedding(
+            &gradient[&layout.weight],
+            &gradient[&layout.bias],
+            &gradient[layout.position_embedding.as_ref().unwrap()],
+            &layout,
+            target.input_dims(),
+        )
+        .unwrap();
+        let truth: Vec<f64> = image.flatten_all().unwrap().to_vec1().unwrap();
+        let got: Vec<f64> = inversion.image.flatten_all().unwrap().to_vec1().unwrap();
+        let max_err = truth
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        println!(
+            "april f64 vit-tiny-32 ({state}): max abs error {max_err:.2e}, bias residual {:.2e}, \
+             condition {:.2e}",
+            inversion.bias_residual, inversion.condition
+        );
+        assert!(max_err < 1e-9, "{state}: max abs error {max_err}");
+        assert!(inversion.bias_residual < 1e-12, "{state}");
+    }
+}
+
+#[test]
+fn april_refuses_fixed_positions_batches_and_more_patches_than_width() {
+    let probe = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+
+    let cfg = config(
+        ModelPreset::VitMicro32,
+        &data,
+        PositionEmbeddingKind::Sincos,
+    );
+    let sincos = target(&cfg, DType::F32);
+    let image = batch(&data, &[0], DType::F32);
+    let observation = fedsgd(true_gradient(&sincos, &image, &[data.labels[0]]), 1);
+    let reason = not_applicable_reason(reconstruct_april(&observation, &sincos).unwrap());
+    assert_eq!(
+        reason,
+        "fixed sin-cos position embedding: its gradient is not observed"
+    );
+
+    let cfg = config(
+        ModelPreset::VitMicro32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    let learnable = target(&cfg, DType::F32);
+    let images = batch(&data, &[0, 1], DType::F32);
+    let labels = [data.labels[0], data.labels[1]];
+    let observation = fedsgd(true_gradient(&learnable, &images, &labels), 2);
+    let reason = not_applicable_reason(reconstruct_april(&observation, &learnable).unwrap());
+    assert!(
+        reason.starts_with("batch > 1 mixes patches of several images"),
+        "{reason}"
+    );
+
+    let mut cfg = config(
+        ModelPreset::VitMicro32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    cfg.patch_size = 4;
+    cfg.hidden_size = 8;
+    let narrow = target(&cfg, DType::F32);
+    let observation = fedsgd(true_gradient(&narrow, &image, &[data.labels[0]]), 1);
+    let reason = not_applicable_reason(reconstruct_april(&observation, &narrow).unwrap());
+    assert!(
+        reason.starts_with("64 patches exceed the embedding width 8"),
+        "{reason}"
+    );
+
+    let observation = Observation::Aggregate {
+        update: true_gradient(&learnable, &image, &[data.labels[0]]),
+        source: UpdateSource::Gradient,
+        clients: 3,
+        batch_size: 1,
+    };
+    let reason = not_applicable_reason(reconstruct_april(&observation, &learnable).unwrap());
+    assert!(reason.contains("aggregate of 3 clients"), "{reason}");
+}
+
+#[test]
+fn linear_inversion_recovers_the_cls_feature() {
+    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(ModelPreset::VitTiny32, &data, PositionEmbeddingKind::Sincos);
+    let target = target(&cfg, DType::F32);
+    let index = 7;
+    let image = batch(&data, &[index], DType::F32);
+    let observation = fedsgd(true_gradient(&target, &image, &[data.labels[index]]), 1);
+    let recovered = match recover_classifier_input(&observation, &target).unwrap() {
+        FeatureOutcome::Recovered(r) => r,
+        FeatureOutcome::NotApplicable { reason, .. } => panic!("{reason}"),
+    };
+    let truth = target
+        .model(target.parameters())
+        .unwrap()
+        .cls_features(&image)
+        .unwrap();
+    assert_eq!(recovered.features.dims(), truth.dims());
+    let (t, r) = (f32_values(&truth), f32_values(&recovered.features));
+    let diff: f64 = t
+        .iter()
+        .zip(&r)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let norm: f64 = t.iter().map(|a| (*a as f64).powi(2)).sum();
+    let rel = (diff / norm).sqrt();
+    println!(
+        "linear: CLS feature relative error {rel:.2e}, rank-one residual {:.2e}, {:.4} s",
+        recovered.objective, recovered.seconds
+    );
+    assert!(rel < 1e-4, "relative error {rel}");
+
+    // Two images: the weight gradient is a sum of two rank-one terms; refused.
+    let images = batch(&data, &[0, 1], DType::F32);
+    let observation = fedsgd(
+        true_gradient(&target, &images, &[data.labels[0], data.labels[1]]),
+        2,
+    );
+    match recover_classifier_input(&observation, &target).unwrap() {
+        FeatureOutcome::NotApplicable { reason, .. } => {
+            assert!(reason.starts_with("batch > 1"), "{reason}")
+        }
+        FeatureOutcome::Recovered(_) => panic!("a batch of two is not rank one"),
+    }
+}
+
+#[test]
+fn idlg_labels_every_single_tile() {
+    let probe = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(
+        ModelPreset::VitMicro32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    let target = target(&cfg, DType::F32);
+    let mut indices = Vec::new();
+    for class in 0..2u32 {
+        indices.extend((0..data.len()).filter(|&i| data.labels[i] == class).take(8));
+    }
+    let mut correct = 0;
+    let mut seconds = 0.0;
+    for &i in &indices {
+        let image = batch(&data, &[i], DType::F32);
+        let observation = fedsgd(true_gradient(&target, &image, &[data.labels[i]]), 1);
+        match infer_label_idlg(&observation, &target).unwrap() {
+            LabelOutcome::Recovered(r) => {
+                seconds += r.seconds;
+                assert!(r.objective < 1e-5, "sum of p - onehot: {}", r.objective);
+                correct += usize::from(r.labels == vec![data.labels[i]]);
+            }
+            LabelOutcome::NotApplicable { reason, .. } => panic!("{reason}"),
+        }
+    }
+    println!(
+        "idlg: {correct}/{} labels correct, {:.2e} s per attack",
+        indices.len(),
+        seconds / indices.len() as f64
+    );
+    assert_eq!(correct, indices.len());
+
+    let images = batch(&data, &indices[..2], DType::F32);
+    let labels = [data.labels[indices[0]], data.labels[indices[1]]];
+    let observation = fedsgd(true_gradient(&target, &images, &labels), 2);
+    match infer_label_idlg(&observation, &target).unwrap() {
+        LabelOutcome::NotApplicable { reason, .. } => {
+            assert!(reason.starts_with("batch > 1"), "{reason}")
+        }
+        LabelOutcome::Recovered(_) => panic!("iDLG must refuse a batch of two"),
+    }
+}
+
+/// Runs the label-count attack on FedSGD batches of 8 with the given label multisets; returns the
+/// number of labels matched and the number of labels.
+fn label_count_accuracy(spec: &str, batches: &[Vec<u32>]) -> (usize, usize) {
+    let probe = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset(spec, &probe);
+    let cfg = config(
+        ModelPreset::VitMicro32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    let classes = cfg.num_labels();
+    let target = target(&cfg, DType::F32);
+    let (mut matched, mut total, mut seconds) = (0, 0, 0.0);
+    for wanted in batches {
+        let indices = pick(&data, wanted);
+        let images = batch(&data, &indices, DType::F32);
+        let observation = fedsgd(true_gradient(&target, &images, wanted), wanted.len());
+        match count_labels(&observation, &target, &LabelCountConfig::default()).unwrap() {
+            LabelOutcome::Recovered(r) => {
+                assert_eq!(r.labels.len(), wanted.len());
+                assert!(r.labels.windows(2).all(|w| w[0] <= w[1]), "sorted");
+                matched += count_overlap(wanted, &r.labels, classes);
+                total += wanted.len();
+                seconds += r.seconds;
+            }
+            LabelOutcome::NotApplicable { reason, .. } => panic!("{reason}"),
+        }
+    }
+    println!(
+        "label counts on {spec} ({classes} classes): {matched}/{total} labels ({:.1} %), \
+         {:.3} s per batch",
+        100.0 * matched as f64 / total as f64,
+        seconds / batches.len() as f64
+    );
+    (matched, total)
+}
+
+#[test]
+fn label_counts_recover_mixed_mnist_batches_of_eight() {
+    let batches: Vec<Vec<u32>> = vec![
+        vec![0, 0, 1, 2, 3, 3, 3, 9],
+        vec![4, 4, 4, 4, 5, 6, 7, 8],
+        vec![1, 1, 1, 1, 1, 1, 1, 1],
+        vec![0, 1, 2, 3, 4, 5, 6, 7],
+        vec![2, 2, 5, 5, 8, 8, 9, 9],
+        vec![6, 6, 6, 7, 7, 7, 3, 0],
+    ];
+    let (matched, total) = label_count_accuracy("fixture:mnist5k", &batches);
+    assert!(
+        matched as f64 >= 0.95 * total as f64,
+        "{matched}/{total} labels"
+    );
+}
+
+#[test]
+fn label_counts_recover_ihc_batches_of_eight() {
+    let batches: Vec<Vec<u32>> = vec![
+        vec![0, 0, 0, 1, 1, 1, 1, 1],
+        vec![0, 0, 0, 0, 0, 0, 0, 1],
+        vec![1, 1, 1, 1, 1, 1, 1, 1],
+        vec![0, 0, 0, 0, 1, 1, 1, 1],
+    ];
+    let (matched, total) = label_count_accuracy("fixture:ihc-tiles-32", &batches);
+    assert!(
+        matched as f64 >= 0.95 * total as f64,
+        "{matched}/{total} labels"
+    );
+}
+
+#[test]
+fn label_counts_read_deltas_and_aggregates() {
+    let probe = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:mnist5k", &probe);
+    let cfg = config(
+        ModelPreset::VitMicro32,
+        &data,
+        PositionEmbeddingKind::Learnable,
+    );
+    let target = target(&cfg, DType::F32);
+    let first: Vec<u32> = vec![0, 0, 1, 2, 3, 3, 3, 9];
+    let second: Vec<u32> = vec![5, 5, 5, 6, 7, 8, 9, 9];
+    let all = pick(&data, &[first.clone(), second.clone()].concat());
+    let g1 = true_gradient(&target, &batch(&data, &all[..8], DType::F32), &first);
+    let g2 = true_gradient(&target, &batch(&data, &all[8..], DType::F32), &second);
+    let lr = 0.1;
+
+    // A one-step plain-SGD delta: -lr times the gradient.
+    let delta: ParamMap = g1
+        .iter()
+        .map(|(k, g)| (k.clone(), (g * -lr).unwrap()))
+        .collect();
+    let observation = Observation::ClientUpdate {
+        update: delta,
+        source: UpdateSource::SgdDelta { lr, local_steps: 1 },
+        batch_size: 8,
+    };
+    let LabelOutcome::Recovered(r) =
+        count_labels(&observation, &target, &LabelCountConfig::default()).unwrap()
+    else {
+        panic!("a one-step SGD delta is a gradient")
+    };
+    let mut sorted = first.clone();
+    sorted.sort();
+    assert_eq!(r.labels, sorted);
+
+    // What a secure-aggregation server sees: the mean of two clients' gradients, 16 labels.
+    let mean: ParamMap = g1
+        .iter()
+        .map(|(k, g)| (k.clone(), ((g + &g2[k]).unwrap() * 0.5).unwrap()))
+        .collect();
+    let observation = Observation::Aggregate {
+        update: mean,
+        source: UpdateSource::Gradient,
+        clients: 2,
+        batch_size: 8,
+    };
+    let LabelOutcome::Recovered(r) =
+        count_labels(&observation, &target, &LabelCountConfig::default()).unwrap()
+    else {
+        panic!("label counts apply to aggregates")
+    };
+    let truth = [first, second].concat();
+    let matched = count_overlap(&truth, &r.labels, cfg.num_labels());
+    println!(
+        "label counts from an aggregate of 2 clients: {matched}/16 labels, residual {:.3}",
+        r.objective
+    );
+    assert!(matched >= 15, "{matched}/16 labels from the aggregate");
+
+    let observation = Observation::ClientUpdate {
+        update: g1,
+        source: UpdateSource::OtherDelta { lr, local_steps: 1 },
+        batch_size: 8,
+    };
+    match count_labels(&observation, &target, &LabelCountConfig::default()).unwrap() {
+        LabelOutcome::NotApplicable { attack, reason } => {
+            assert_eq!(attack, "label-counts");
+            assert!(reason.contains("adaptive optimizer"), "{reason}");
+        }
+        LabelOutcome::Recovered(_) => panic!("an Adam delta has lost the gradient's magnitudes"),
+    }
+}
