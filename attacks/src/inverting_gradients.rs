@@ -61,6 +61,9 @@ pub fn total_variation(images: &Tensor) -> Result<Tensor> {
     Ok((dx + dy)?)
 }
 
+/// Observed tensors with a norm below this fraction of the largest are treated as zero.
+const NEGLIGIBLE_NORM: f64 = 1e-6;
+
 /// One attack step: the gradient-matching objective of candidate images and its input gradient.
 ///
 /// Holds what the attacker matches against (the observed update, how to simulate it, the labels); what
@@ -102,6 +105,15 @@ impl<'a> GradientMatcher<'a> {
                     .sqrt())
             })
             .collect::<Result<Vec<f64>>>()?;
+        // Tensors whose gradient is zero in exact arithmetic (e.g. attention key biases: softmax ignores
+        // a per-row shift) carry only rounding noise; normalising by their tiny norms would amplify that
+        // noise into the input gradient, so they are left out.
+        let largest = observed_norms.iter().copied().fold(0f64, f64::max);
+        let (names, observed_norms): (Vec<String>, Vec<f64>) = names
+            .into_iter()
+            .zip(observed_norms)
+            .filter(|(_, norm)| *norm > largest * NEGLIGIBLE_NORM)
+            .unzip();
         let (dtype, device) = model
             .parameters()
             .values()
