@@ -11,7 +11,7 @@ use fedleak::model::{
     VitConfig, VitTarget,
 };
 use fedleak_attacks::{
-    enable_second_order_gradients, invert_gradients, AttackOutcome, GradientMatcher,
+    enable_second_order_gradients, invert_gradients, AttackOutcome, GradientMatcher, InputGradient,
     InvertingGradientsConfig, Observation, ParamMap, TargetModel, UpdateSource,
 };
 
@@ -129,7 +129,15 @@ fn check_input_gradient(sgd: Option<(f64, usize)>) {
         let cfg = small_config(position);
         let model = target(&cfg);
         let observed = client_update(&model, &image(&cfg, 1), 2, sgd);
-        let matcher = GradientMatcher::new(&model, &observed, sgd, &[2], 0.0).unwrap();
+        let matcher = GradientMatcher::new(
+            &model,
+            &observed,
+            sgd,
+            &[2],
+            0.0,
+            InputGradient::DoubleBackward,
+        )
+        .unwrap();
         let x0 = image(&cfg, 2);
         let (_, grad) = matcher.objective_and_gradient(&x0).unwrap();
         let grad = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -164,6 +172,53 @@ fn matching_gradient_of_a_fedsgd_update_matches_finite_differences_in_f64() {
 #[test]
 fn matching_gradient_of_an_unrolled_two_step_sgd_delta_matches_finite_differences_in_f64() {
     check_input_gradient(Some((0.05, 2)));
+}
+
+#[test]
+fn central_difference_input_gradient_agrees_with_the_exact_double_backward_in_f64() {
+    enable_second_order_gradients();
+    for position in [
+        PositionEmbeddingKind::Learnable,
+        PositionEmbeddingKind::Sincos,
+    ] {
+        let cfg = small_config(position);
+        let model = target(&cfg);
+        let observed = client_update(&model, &image(&cfg, 1), 2, None);
+        let exact = GradientMatcher::new(
+            &model,
+            &observed,
+            None,
+            &[2],
+            1e-2,
+            InputGradient::DoubleBackward,
+        )
+        .unwrap();
+        let approx = GradientMatcher::new(
+            &model,
+            &observed,
+            None,
+            &[2],
+            1e-2,
+            InputGradient::CentralDifference,
+        )
+        .unwrap();
+        for seed in [2, 3, 4] {
+            let x = image(&cfg, seed);
+            let (objective_a, a) = exact.objective_and_gradient(&x).unwrap();
+            let (objective_b, b) = approx.objective_and_gradient(&x).unwrap();
+            let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let dot: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();
+            let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
+            let cosine = dot / (norm(&a) * norm(&b));
+            println!("{position:?} seed {seed}: cosine {cosine:.8}, objectives {objective_a:.6} / {objective_b:.6}");
+            assert!((objective_a - objective_b).abs() < 1e-12, "same objective");
+            assert!(
+                cosine >= 0.999,
+                "{position:?}: central difference vs double backward cosine {cosine}"
+            );
+        }
+    }
 }
 
 #[test]

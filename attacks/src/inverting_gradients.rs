@@ -35,6 +35,22 @@ pub struct InvertingGradientsConfig {
     pub tv_weight: f64,
     /// Seed of the random initial images.
     pub seed: u64,
+    /// How the input gradient of the matching objective is computed.
+    pub input_gradient: InputGradient,
+}
+
+/// How the input gradient of the gradient-matching objective is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputGradient {
+    /// Exact double backward through candle's autograd (keeps the whole gradient graph, and candle also
+    /// computes the unneeded second-order parameter gradients).
+    DoubleBackward,
+    /// A Hessian-vector product by central difference: the objective's gradient with respect to the
+    /// simulated update, u, is closed form; then grad_x = (grad_x L(x, theta + eps u) - grad_x L(x,
+    /// theta - eps u)) / 2 eps. Three first-order passes, no retained graph, no parameter gradients in
+    /// the last two. Checked against the exact double backward in tests (cosine >= 0.999 in f64).
+    CentralDifference,
 }
 
 impl Default for InvertingGradientsConfig {
@@ -45,6 +61,7 @@ impl Default for InvertingGradientsConfig {
             lr: 0.1,
             tv_weight: 1e-4,
             seed: 0,
+            input_gradient: InputGradient::CentralDifference,
         }
     }
 }
@@ -77,7 +94,11 @@ pub struct GradientMatcher<'a> {
     observed_norms: Vec<f64>,
     soft_labels: Tensor,
     tv_weight: f64,
+    input_gradient: InputGradient,
 }
+
+/// Relative step of the central difference: eps * |u| = this fraction of |theta|.
+const CENTRAL_DIFFERENCE_STEP: f64 = 1e-3;
 
 impl<'a> GradientMatcher<'a> {
     /// A matcher for `observed` (a gradient when `unroll` is `None`, else an SGD weight delta of
@@ -88,6 +109,7 @@ impl<'a> GradientMatcher<'a> {
         unroll: Option<(f64, usize)>,
         labels: &[u32],
         tv_weight: f64,
+        input_gradient: InputGradient,
     ) -> Result<Self> {
         let names: Vec<String> = observed
             .keys()
@@ -129,6 +151,7 @@ impl<'a> GradientMatcher<'a> {
             observed_norms,
             soft_labels,
             tv_weight,
+            input_gradient,
         })
     }
 
@@ -214,7 +237,8 @@ impl<'a> GradientMatcher<'a> {
             let t = self.observed[name].to_dtype(g.dtype())?;
             let dot = (g * &t)?.sum_all()?;
             let norm = g.sqr()?.sum_all()?.sqrt()?;
-            let cosine = (dot / ((norm * t_norm)? + 1e-12)?)?;
+            // A floor, not an additive epsilon: small but genuine norms must keep their true cosine.
+            let cosine = (dot / (norm * t_norm)?.maximum(1e-30)?)?;
             total = (total + cosine.affine(-1.0, 1.0)?)?;
             counted += 1;
         }
@@ -223,6 +247,105 @@ impl<'a> GradientMatcher<'a> {
 
     /// The matching objective (without the prior) and the input gradient of matching + prior.
     pub fn objective_and_gradient(&self, images: &Tensor) -> Result<(f64, Tensor)> {
+        match (self.input_gradient, self.unroll) {
+            (InputGradient::CentralDifference, None) => self.central_difference(images),
+            _ => self.double_backward(images),
+        }
+    }
+
+    /// The input gradient of the prior alone (zero without a prior).
+    fn prior_gradient(&self, images: &Tensor) -> Result<Tensor> {
+        if self.tv_weight <= 0.0 {
+            return Ok(images.zeros_like()?);
+        }
+        let x = Var::from_tensor(images)?;
+        let grads = (total_variation(x.as_tensor())? * self.tv_weight)?.backward()?;
+        Ok(grads
+            .get(x.as_tensor())
+            .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))?)
+    }
+
+    /// [`InputGradient::CentralDifference`]: three first-order passes.
+    fn central_difference(&self, images: &Tensor) -> Result<(f64, Tensor)> {
+        let images = images.detach();
+        let simulated: Vec<Tensor> = self.simulate(&images)?.iter().map(Tensor::detach).collect();
+        // Objective and u = dObjective/d(simulated update), per tensor, in closed form:
+        // for 1 - <g,t>/(|g||t|): d/dg = -(t/(|g||t|) - <g,t> g/(|g|^3 |t|)).
+        let mut objective = 0f64;
+        let mut direction = Vec::with_capacity(simulated.len());
+        let mut counted = 0usize;
+        for ((g, name), &t_norm) in simulated.iter().zip(&self.names).zip(&self.observed_norms) {
+            let t = self.observed[name].to_dtype(g.dtype())?;
+            let g_norm = g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
+            if t_norm == 0.0 {
+                direction.push(g.zeros_like()?);
+                continue;
+            }
+            counted += 1;
+            if g_norm == 0.0 {
+                // cosine 0 (as in `matching`); no direction to follow from a zero gradient.
+                objective += 1.0;
+                direction.push(g.zeros_like()?);
+                continue;
+            }
+            let dot = (g * &t)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            objective += 1.0 - dot / (g_norm * t_norm);
+            let u = ((t * (-1.0 / (g_norm * t_norm)))? + (g * (dot / (g_norm.powi(3) * t_norm)))?)?;
+            direction.push(u);
+        }
+        let scale = 1.0 / counted.max(1) as f64;
+        let base = self.model.parameters();
+        let (mut u_norm, mut theta_norm) = (0f64, 0f64);
+        for (u, name) in direction.iter().zip(&self.names) {
+            u_norm += u
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+            theta_norm += base[name]
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        let (u_norm, theta_norm) = (u_norm.sqrt(), theta_norm.sqrt());
+        let prior = self.prior_gradient(&images)?;
+        if u_norm == 0.0 {
+            return Ok((objective * scale, prior));
+        }
+        let eps = CENTRAL_DIFFERENCE_STEP * theta_norm.max(1.0) / u_norm;
+        let input_gradient_at = |sign: f64| -> Result<Tensor> {
+            let shifted: Vec<Tensor> = direction
+                .iter()
+                .zip(&self.names)
+                .map(|(u, name)| &base[name] + (u * (sign * eps))?)
+                .collect::<candle_core::Result<_>>()?;
+            let x = Var::from_tensor(&images)?;
+            let loss = self.model.loss(
+                &self.params_with(&shifted),
+                x.as_tensor(),
+                &self.soft_labels,
+            )?;
+            let grads = loss.backward()?;
+            Ok(grads
+                .get(x.as_tensor())
+                .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))?)
+        };
+        let difference = (input_gradient_at(1.0)? - input_gradient_at(-1.0)?)?;
+        let gradient = ((difference * (scale / (2.0 * eps)))? + prior)?;
+        Ok((objective * scale, gradient))
+    }
+
+    /// [`InputGradient::DoubleBackward`]: the exact second-order gradient.
+    fn double_backward(&self, images: &Tensor) -> Result<(f64, Tensor)> {
         let x = Var::from_tensor(images)?;
         let matching = self.matching(x.as_tensor())?;
         let objective = if self.tv_weight > 0.0 {
@@ -282,7 +405,14 @@ pub fn invert_gradients(
         UpdateSource::SgdDelta { lr, local_steps } => Some((*lr, *local_steps)),
     };
     let started = Instant::now();
-    let matcher = GradientMatcher::new(model, update, unroll, labels, config.tv_weight)?;
+    let matcher = GradientMatcher::new(
+        model,
+        update,
+        unroll,
+        labels,
+        config.tv_weight,
+        config.input_gradient,
+    )?;
     let (c, h, w) = model.input_dims();
     let (dtype, device) = (
         matcher.soft_labels.dtype(),

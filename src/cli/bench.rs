@@ -11,7 +11,7 @@ use fedleak::model::{
     cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
     VitTarget,
 };
-use fedleak_attacks::GradientMatcher;
+use fedleak_attacks::{GradientMatcher, InputGradient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,9 +22,11 @@ use super::{select_device, GlobalArgs};
 pub enum StepArg {
     /// One first-order forward + backward of the cross-entropy (a local training step's gradient).
     Train,
-    /// One Inverting-Gradients step: parameter gradients kept as a graph, the matching objective, and
-    /// its exact gradient with respect to the input (double backward), as in the reference.
+    /// One Inverting-Gradients step as fedleak runs it: the matching objective and its input gradient
+    /// by the central-difference Hessian-vector product (three first-order passes).
     Attack,
+    /// The same step with the exact double backward, as the reference computes it.
+    AttackExact,
 }
 
 /// Arguments of `fedleak bench`.
@@ -84,7 +86,18 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.detach())))
             .collect()
     };
-    let matcher = GradientMatcher::new(&target_model, &observed, None, &labels, 1e-4)?;
+    let input_gradient = match args.step {
+        StepArg::AttackExact => InputGradient::DoubleBackward,
+        _ => InputGradient::CentralDifference,
+    };
+    let matcher = GradientMatcher::new(
+        &target_model,
+        &observed,
+        None,
+        &labels,
+        1e-4,
+        input_gradient,
+    )?;
     let guess: Vec<f32> = (0..args.batch * 3 * side * side)
         .map(|_| rng.random())
         .collect();
@@ -103,7 +116,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
                     .map(|g| g.sum_all())
                     .transpose()?;
             }
-            StepArg::Attack => {
+            StepArg::Attack | StepArg::AttackExact => {
                 matcher.objective_and_gradient(&guess)?;
             }
         }
@@ -120,7 +133,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     };
     let metric = match args.step {
         StepArg::Train => "fwd_bwd1_median_ms",
-        StepArg::Attack => "attack_iter_median_ms",
+        StepArg::Attack | StepArg::AttackExact => "attack_iter_median_ms",
     };
     println!(
         "RESULT impl=fedleak model={model_name} batch={} iters={} {metric}={median:.2} all={:?}",
