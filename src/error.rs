@@ -72,6 +72,9 @@ pub enum Error {
     /// A tensor operation failed (a bug or an unsupported device, not bad input).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// An attack failed (a numerical failure, or an observation it cannot read).
+    #[error(transparent)]
+    Attack(#[from] fedleak_attacks::AttackError),
     /// Training diverged or produced non-finite values.
     #[error("training failed: {0}")]
     Training(String),
@@ -87,7 +90,7 @@ impl Error {
             | Error::UnknownData { .. }
             | Error::InvalidCheckpoint { .. }
             | Error::InvalidSetting { .. } => true,
-            Error::Candle(_) | Error::Training(_) => false,
+            Error::Candle(_) | Error::Attack(_) | Error::Training(_) => false,
         }
     }
 

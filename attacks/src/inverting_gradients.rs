@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{ParamMap, TargetModel};
+use crate::model::{one_hot, ParamMap, TargetModel};
 use crate::observation::{Observation, UpdateSource};
 use crate::reconstruction::{AttackOutcome, Reconstruction};
 use crate::Result;
@@ -373,27 +373,11 @@ pub fn invert_gradients(
     labels: &[u32],
     config: &InvertingGradientsConfig,
 ) -> Result<AttackOutcome> {
-    let (update, source, batch) = match observation {
-        Observation::ClientUpdate {
-            update,
-            source,
-            batch_size,
-        } => (update, source, *batch_size),
-        Observation::Aggregate {
-            update,
-            source,
-            clients,
-            batch_size,
-        } => (update, source, clients * batch_size),
-        Observation::Features { .. } => {
-            return Ok(not_applicable(
-                "features are not a gradient; use feature inversion",
-            ))
-        }
-        Observation::Ciphertext { description } => {
-            return Ok(not_applicable(&format!("ciphertext only ({description})")))
-        }
+    let view = match observation.update_view() {
+        Ok(view) => view,
+        Err(reason) => return Ok(not_applicable(&reason)),
     };
+    let (update, source, batch) = (view.update, view.source, view.images);
     if labels.len() != batch {
         return Ok(not_applicable(&format!(
             "needs {batch} labels (one per image), got {}",
@@ -445,15 +429,6 @@ fn not_applicable(reason: &str) -> AttackOutcome {
         attack: "ig",
         reason: reason.to_string(),
     }
-}
-
-/// One-hot rows (B x classes).
-fn one_hot(labels: &[u32], classes: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let mut values = vec![0f32; labels.len() * classes];
-    for (row, &label) in labels.iter().enumerate() {
-        values[row * classes + (label as usize).min(classes - 1)] = 1.0;
-    }
-    Ok(Tensor::from_vec(values, (labels.len(), classes), device)?.to_dtype(dtype)?)
 }
 
 /// Adam with signed gradients, step decay and the box constraint; returns the final matching objective

@@ -117,27 +117,11 @@ pub fn count_labels(
             reason,
         })
     };
-    let (update, source, images) = match observation {
-        Observation::ClientUpdate {
-            update,
-            source,
-            batch_size,
-        } => (update, source, *batch_size),
-        Observation::Aggregate {
-            update,
-            source,
-            clients,
-            batch_size,
-        } => (update, source, clients * batch_size),
-        Observation::Features { .. } => {
-            return not_applicable(
-                "features are observed in the clear; there is no gradient to read".to_string(),
-            )
-        }
-        Observation::Ciphertext { description } => {
-            return not_applicable(format!("only ciphertext is observed ({description})"))
-        }
+    let view = match observation.update_view() {
+        Ok(view) => view,
+        Err(reason) => return not_applicable(reason),
     };
+    let (update, source, images) = (view.update, view.source, view.images);
     if images == 0 {
         return not_applicable("the update holds no images (batch size 0)".to_string());
     }

@@ -28,8 +28,8 @@ pub use inverting_gradients::{
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig};
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
-pub use model::{ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
-pub use observation::{Observation, UpdateSource};
+pub use model::{one_hot, ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
+pub use observation::{Observation, UpdateSource, UpdateView};
 pub use reconstruction::{AttackOutcome, Reconstruction};
 
 /// Makes candle keep the graph of gradients on the current thread, so that second-order gradients (the

@@ -206,16 +206,13 @@ pub(crate) fn tensor_to_f64(tensor: &Tensor) -> Result<Vec<f64>> {
 /// Why an observation that is not one client's update cannot feed a single-input attack.
 pub(crate) fn not_a_client_update(observation: &Observation) -> String {
     match observation {
-        Observation::ClientUpdate { .. } => "a client update".to_string(),
         Observation::Aggregate { clients, .. } => {
             format!("an aggregate of {clients} clients mixes the gradients of several inputs")
         }
-        Observation::Features { .. } => {
-            "features are observed in the clear; there is no gradient to invert".to_string()
-        }
-        Observation::Ciphertext { description } => {
-            format!("only ciphertext is observed ({description})")
-        }
+        other => other
+            .update_view()
+            .err()
+            .unwrap_or_else(|| "a client update".to_string()),
     }
 }
 

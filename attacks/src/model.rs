@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
-use crate::Result;
+use crate::{AttackError, Result};
 
 /// Parameters by Hugging Face name.
 pub type ParamMap = BTreeMap<String, Tensor>;
@@ -57,4 +57,29 @@ pub trait TargetModel {
 
     /// The final linear classifier's layout.
     fn classifier(&self) -> ClassifierLayout;
+}
+
+/// One-hot rows (B x classes) for integer labels: the targets of the clients' cross-entropy, shared by
+/// the attacks and the training code that implements [`TargetModel`].
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// let t = fedleak_attacks::one_hot(&[1, 0], 3, DType::F32, &Device::Cpu)?;
+/// assert_eq!(t.to_vec2::<f32>()?, vec![vec![0., 1., 0.], vec![1., 0., 0.]]);
+/// assert!(fedleak_attacks::one_hot(&[3], 3, DType::F32, &Device::Cpu).is_err());
+/// # Ok::<(), fedleak_attacks::AttackError>(())
+/// ```
+pub fn one_hot(labels: &[u32], classes: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mut values = vec![0f32; labels.len() * classes];
+    for (row, &label) in labels.iter().enumerate() {
+        let label = label as usize;
+        if label >= classes {
+            return Err(AttackError::Observation {
+                name: "labels".to_string(),
+                reason: format!("label {label} is out of range for {classes} classes"),
+            });
+        }
+        values[row * classes + label] = 1.0;
+    }
+    Ok(Tensor::from_vec(values, (labels.len(), classes), device)?.to_dtype(dtype)?)
 }

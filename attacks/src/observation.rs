@@ -61,3 +61,54 @@ pub enum Observation {
         description: String,
     },
 }
+
+/// An observed update (one client's, or an aggregate) as update-reading attacks see it.
+#[derive(Debug, Clone, Copy)]
+pub struct UpdateView<'a> {
+    /// The update tensors.
+    pub update: &'a ParamMap,
+    /// How each client produced its update.
+    pub source: &'a UpdateSource,
+    /// Number of images behind the update (clients x batch size).
+    pub images: usize,
+}
+
+impl Observation {
+    /// The observed update, or, for features and ciphertext, why there is none (the reason an
+    /// update-reading attack reports as "not applicable").
+    ///
+    /// ```
+    /// use fedleak_attacks::Observation;
+    /// let seen = Observation::Ciphertext { description: "GLWE N=2048".into() };
+    /// assert_eq!(seen.update_view().unwrap_err(), "only ciphertext is observed (GLWE N=2048)");
+    /// ```
+    pub fn update_view(&self) -> Result<UpdateView<'_>, String> {
+        match self {
+            Observation::ClientUpdate {
+                update,
+                source,
+                batch_size,
+            } => Ok(UpdateView {
+                update,
+                source,
+                images: *batch_size,
+            }),
+            Observation::Aggregate {
+                update,
+                source,
+                clients,
+                batch_size,
+            } => Ok(UpdateView {
+                update,
+                source,
+                images: clients * batch_size,
+            }),
+            Observation::Features { .. } => Err(
+                "features are observed in the clear; there is no gradient to invert".to_string(),
+            ),
+            Observation::Ciphertext { description } => {
+                Err(format!("only ciphertext is observed ({description})"))
+            }
+        }
+    }
+}

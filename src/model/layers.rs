@@ -88,23 +88,3 @@ pub fn cross_entropy(logits: &Tensor, target: &Tensor) -> Result<Tensor> {
     let batch = logits.dim(0)? as f64;
     (log_probs * target)?.sum_all()? * (-1.0 / batch)
 }
-
-/// One-hot rows (B x classes) for integer labels, in `dtype` on `device`.
-///
-/// ```
-/// use candle_core::{DType, Device};
-/// let t = fedleak::model::one_hot(&[1, 0], 3, DType::F32, &Device::Cpu).unwrap();
-/// assert_eq!(t.to_vec2::<f32>().unwrap(), vec![vec![0., 1., 0.], vec![1., 0., 0.]]);
-/// ```
-pub fn one_hot(
-    labels: &[u32],
-    classes: usize,
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let mut values = vec![0f32; labels.len() * classes];
-    for (row, &label) in labels.iter().enumerate() {
-        values[row * classes + label as usize] = 1.0;
-    }
-    Tensor::from_vec(values, (labels.len(), classes), device)?.to_dtype(dtype)
-}

@@ -19,7 +19,8 @@ mod tests;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint, CONFIG_FILE, WEIGHTS_FILE};
 pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
+pub use fedleak_attacks::one_hot;
 pub use init::init_parameters;
-pub use layers::{cross_entropy, gelu, layer_norm, one_hot, softmax_last_dim};
+pub use layers::{cross_entropy, gelu, layer_norm, softmax_last_dim};
 pub use target::VitTarget;
 pub use vit::{sincos_position_embedding, Vit};
