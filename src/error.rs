@@ -75,6 +75,9 @@ pub enum Error {
     /// An attack failed (a numerical failure, or an observation it cannot read).
     #[error(transparent)]
     Attack(#[from] fedleak_attacks::AttackError),
+    /// Homomorphic encryption failed or was given values it cannot encode.
+    #[error(transparent)]
+    He(#[from] crate::he::HeError),
     /// Training diverged or produced non-finite values.
     #[error("training failed: {0}")]
     Training(String),
@@ -90,7 +93,7 @@ impl Error {
             | Error::UnknownData { .. }
             | Error::InvalidCheckpoint { .. }
             | Error::InvalidSetting { .. } => true,
-            Error::Candle(_) | Error::Attack(_) | Error::Training(_) => false,
+            Error::Candle(_) | Error::Attack(_) | Error::He(_) | Error::Training(_) => false,
         }
     }
 

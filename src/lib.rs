@@ -7,11 +7,14 @@
 
 #![deny(missing_docs)]
 
+pub mod accountant;
 pub mod audit;
 pub mod data;
 pub mod error;
 pub mod fl;
+pub mod he;
 pub mod model;
 pub mod report;
+pub mod schemes;
 
 pub use error::{Error, Result};

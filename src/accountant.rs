@@ -1,0 +1,1 @@
+//! Rényi-DP accountant for the subsampled Gaussian mechanism (being written).

@@ -1,0 +1,1 @@
+//! GLWE vector encryption over tfhe-rs `core_crypto` (being written).

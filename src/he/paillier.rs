@@ -1,0 +1,1 @@
+//! Packed Paillier encryption over `fast-paillier` (being written).
