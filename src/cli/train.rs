@@ -14,6 +14,7 @@ use fedleak::model::{
     init_parameters, load_checkpoint, save_checkpoint, Checkpoint, ModelPreset,
     PositionEmbeddingKind,
 };
+use fedleak::schemes::PlainScheme;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -271,6 +272,7 @@ pub fn run(global: &GlobalArgs, args: TrainArgs) -> Result<()> {
         &data,
         &spec.to_string(),
         global.seed,
+        &mut PlainScheme,
         &mut observer,
     )?;
     observer.progress.finish_and_clear();

@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! captures/round-0003/global/config.json, model.safetensors   the model the clients started from
-//! captures/round-0003/client-1/update.safetensors             exactly the bytes client 1 uploaded
+//! captures/round-0003/client-1/update.safetensors             what the server reads of client 1's upload
 //! captures/round-0003/client-1/update.json                    sidecar: round, client, algorithm, lr, ...
+//! captures/round-0003/aggregate/update.safetensors            the sample-weighted mean of all clients
 //! private/round-0003/client-1.json                            the private batch, for scoring only
+//! private/round-0003/aggregate.json                           the union of the clients' batches
 //! ```
 //!
 //! The private batch is kept in a separate tree so that an attack given `captures/` never sees it. A
@@ -63,8 +65,11 @@ pub struct CaptureMeta {
     pub scheme: String,
     /// The run's seed.
     pub seed: u64,
-    /// Exact bytes uploaded.
+    /// Exact wire bytes of the upload (for an aggregate: of the aggregate each client downloads).
     pub upload_bytes: usize,
+    /// For an aggregate capture, the clients whose updates it averages (empty for one client's update).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregate_of: Vec<usize>,
 }
 
 /// The private images behind a captured update, as indices into the training split; for scoring only.
@@ -96,10 +101,19 @@ fn round_dir(root: &Path, round: usize) -> PathBuf {
     root.join("captures").join(format!("round-{round:04}"))
 }
 
-fn private_path(root: &Path, round: usize, client: usize) -> PathBuf {
+/// `client-K` for one client's update, `aggregate` for the aggregate of several.
+fn party_name(meta: &CaptureMeta) -> String {
+    if meta.aggregate_of.is_empty() {
+        format!("client-{}", meta.client)
+    } else {
+        "aggregate".to_string()
+    }
+}
+
+fn private_path(root: &Path, meta: &CaptureMeta) -> PathBuf {
     root.join("private")
-        .join(format!("round-{round:04}"))
-        .join(format!("client-{client}.json"))
+        .join(format!("round-{:04}", meta.round))
+        .join(format!("{}.json", party_name(meta)))
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -110,19 +124,19 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 
 /// Writes a capture under `root` in the layout of this module; returns the update's directory.
 pub fn write_capture(root: &Path, capture: &Capture) -> Result<PathBuf> {
-    let (round, client) = (capture.meta.round, capture.meta.client);
+    let round = capture.meta.round;
     let global_dir = round_dir(root, round).join("global");
     if !global_dir.join(crate::model::WEIGHTS_FILE).exists() {
         save_checkpoint(&global_dir, &capture.global)?;
     }
-    let update_dir = round_dir(root, round).join(format!("client-{client}"));
+    let update_dir = round_dir(root, round).join(party_name(&capture.meta));
     std::fs::create_dir_all(&update_dir).map_err(|e| Error::io(&update_dir, e))?;
     let weights = update_dir.join("update.safetensors");
     std::fs::write(&weights, capture.transmission.as_bytes())
         .map_err(|e| Error::io(&weights, e))?;
     write_json(&update_dir.join("update.json"), &capture.meta)?;
     if let Some(private) = &capture.private {
-        let path = private_path(root, round, client);
+        let path = private_path(root, &capture.meta);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
@@ -160,7 +174,7 @@ pub fn read_capture(path: &Path, with_private: bool, device: &Device) -> Result<
             .and_then(Path::parent)
             .and_then(Path::parent)
             .unwrap_or(Path::new("."));
-        let path = private_path(root, meta.round, meta.client);
+        let path = private_path(root, &meta);
         match std::fs::read_to_string(&path) {
             Ok(text) => Some(
                 serde_json::from_str(&text).map_err(|e| Error::InvalidDataset {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::config::{FlConfig, OptimizerKind};
 use crate::Result;
@@ -35,11 +35,15 @@ impl LocalOptimizer {
         }
     }
 
-    /// Applies one update to every variable that received a gradient.
-    pub fn step(&mut self, vars: &BTreeMap<String, Var>, grads: &GradStore) -> Result<()> {
+    /// Applies one update to every variable that has a gradient in `grads` (by name).
+    pub fn step(
+        &mut self,
+        vars: &BTreeMap<String, Var>,
+        grads: &BTreeMap<String, Tensor>,
+    ) -> Result<()> {
         self.step += 1;
         for (name, var) in vars {
-            let Some(grad) = grads.get(var.as_tensor()) else {
+            let Some(grad) = grads.get(name) else {
                 continue;
             };
             let grad = grad.detach();

@@ -15,6 +15,7 @@ use super::optim::LocalOptimizer;
 use super::transmission::Transmission;
 use crate::data::{partition_labels, DataSplits, Dataset, Partition};
 use crate::model::{cross_entropy, one_hot, Checkpoint, Vit};
+use crate::schemes::{LocalTraining, Scheme, Upload};
 use crate::{Error, Result};
 
 /// What happened in one round.
@@ -28,8 +29,15 @@ pub struct RoundRecord {
     pub train_loss: f64,
     /// Exact bytes each client uploaded, by client.
     pub upload_bytes: Vec<usize>,
-    /// Bytes of the global model each client downloaded at the start of the round.
+    /// Bytes each client downloaded to learn the round's aggregate (the model, or the aggregate
+    /// ciphertext under secure aggregation).
     pub download_bytes_per_client: usize,
+    /// Mean seconds a client spent encoding its upload (encryption, noise, sparsification).
+    pub encode_seconds: f64,
+    /// Seconds the server spent aggregating.
+    pub server_seconds: f64,
+    /// Seconds a client spent decoding the aggregate (decryption).
+    pub decode_seconds: f64,
     /// Wall time of the round (local training, aggregation and evaluation), in seconds.
     pub round_seconds: f64,
 }
@@ -144,7 +152,7 @@ fn local_batches(fl: &FlConfig, own: &[usize], rng: &mut StdRng) -> Vec<Vec<usiz
     }
 }
 
-fn check_finite(update: &BTreeMap<String, Tensor>, round: usize, client: usize) -> Result<()> {
+fn check_finite(update: &BTreeMap<String, Tensor>, whose: &str) -> Result<()> {
     for (name, tensor) in update {
         let sum = tensor
             .abs()?
@@ -153,23 +161,113 @@ fn check_finite(update: &BTreeMap<String, Tensor>, round: usize, client: usize) 
             .to_scalar::<f64>()?;
         if !sum.is_finite() {
             return Err(Error::Training(format!(
-                "client {client} produced a non-finite update for `{name}` in round {round}; hint: lower `lr`"
+                "{whose}: non-finite update for `{name}`; hint: lower `lr`"
             )));
         }
     }
     Ok(())
 }
 
-/// Runs `fl.rounds` rounds of federated training from `initial` on `data`, reporting to `observer`.
+/// The gradient of the batch-mean loss for every parameter, by name.
+fn batch_gradient(
+    model: &Vit,
+    vars: &BTreeMap<String, Var>,
+    images: &Tensor,
+    target: &Tensor,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let loss = cross_entropy(&model.forward(images)?, target)?;
+    let grads = loss.backward()?;
+    let named = vars
+        .iter()
+        .filter_map(|(name, var)| {
+            grads
+                .get(var.as_tensor())
+                .map(|g| (name.clone(), g.detach()))
+        })
+        .collect();
+    Ok((loss.to_scalar::<f32>()? as f64, named))
+}
+
+/// DP-SGD (Abadi et al. 2016): every per-sample gradient clipped to L2 norm `clip_norm`, summed,
+/// Gaussian noise of standard deviation `noise_multiplier * clip_norm` added to every coordinate, divided
+/// by the batch size. Per-sample gradients come from one backward pass per image.
+fn dp_sgd_gradient(
+    model: &Vit,
+    vars: &BTreeMap<String, Var>,
+    images: &Tensor,
+    target: &Tensor,
+    (clip_norm, noise_multiplier): (f64, f64),
+    rng: &mut StdRng,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let batch = images.dim(0)?;
+    let mut sum: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut loss_sum = 0.0;
+    for i in 0..batch {
+        let (loss, grads) = batch_gradient(
+            model,
+            vars,
+            &images.narrow(0, i, 1)?,
+            &target.narrow(0, i, 1)?,
+        )?;
+        loss_sum += loss;
+        let mut squared = 0.0;
+        for g in grads.values() {
+            squared += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
+        let scale = (clip_norm / squared.sqrt().max(1e-30)).min(1.0);
+        for (name, g) in grads {
+            let clipped = (g * scale)?;
+            let total = match sum.remove(&name) {
+                Some(s) => (s + clipped)?,
+                None => clipped,
+            };
+            sum.insert(name, total);
+        }
+    }
+    let normal =
+        rand_distr::Normal::new(0.0f32, (noise_multiplier * clip_norm) as f32).map_err(|e| {
+            Error::InvalidSetting {
+                key: "noise_multiplier".into(),
+                reason: e.to_string(),
+                hint: "use a finite, non-negative noise multiplier and clipping norm".into(),
+            }
+        })?;
+    let mut noisy = BTreeMap::new();
+    for (name, s) in sum {
+        let noise: Vec<f32> = (0..s.elem_count())
+            .map(|_| rand_distr::Distribution::sample(&normal, rng))
+            .collect();
+        let noise = Tensor::from_vec(noise, s.shape(), s.device())?;
+        noisy.insert(name, ((s + noise)? / batch as f64)?);
+    }
+    Ok((loss_sum / batch as f64, noisy))
+}
+
+/// What one client did in a round.
+struct ClientRound {
+    samples: usize,
+    upload: Upload,
+    batches: Vec<Vec<usize>>,
+}
+
+/// Runs `fl.rounds` rounds of federated training from `initial` on `data` under `scheme`, reporting to
+/// `observer`.
 ///
-/// Every random choice (partition, batches) flows from `seed`. The server aggregates what it decodes
-/// from each client's [`Transmission`], weighted by the clients' sample counts.
+/// Every random choice (partition, batches, noise) flows from `seed`. Each client's plain update goes
+/// through [`Scheme::encode`]; the server aggregates with [`Scheme::aggregate`]. At capture rounds the
+/// observer receives, for every client whose upload the server can read, the server's decoded view, and
+/// for every round the aggregate (what a secure-aggregation server learns).
 pub fn run_federated(
     fl: &FlConfig,
     initial: &Checkpoint,
     data: &DataSplits,
     data_name: &str,
     seed: u64,
+    scheme: &mut dyn Scheme,
     observer: &mut dyn FlObserver,
 ) -> Result<TrainingOutcome> {
     fl.validate()?;
@@ -195,14 +293,13 @@ pub fn run_federated(
             hint: "use a model whose id2label covers every class of the data".into(),
         });
     }
+    let local_training = scheme.local_training();
     let mut global = initial.tensors.clone();
-    let download_bytes = Transmission::plain(&global, None)?.len();
     let mut rounds = Vec::with_capacity(fl.rounds);
     for round in 1..=fl.rounds {
         let started = Instant::now();
         let capture_round = fl.capture_rounds.contains(&round);
-        let mut received: Vec<(usize, BTreeMap<String, Tensor>)> = Vec::new();
-        let mut upload_bytes = Vec::with_capacity(fl.clients);
+        let mut clients: Vec<ClientRound> = Vec::with_capacity(fl.clients);
         let (mut loss_sum, mut loss_count) = (0f64, 0usize);
         for (client, own) in partition.clients.iter().enumerate() {
             let mut rng = StdRng::seed_from_u64(stream_seed(seed, round, client));
@@ -215,18 +312,24 @@ pub fn run_federated(
                 let images = batch_images(&data.train, batch, &device)?;
                 let labels: Vec<u32> = batch.iter().map(|&i| data.train.labels[i]).collect();
                 let target = one_hot(&labels, num_labels, DType::F32, &device)?;
-                let loss = cross_entropy(&model.forward(&images)?, &target)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let (loss, grads) = match local_training {
+                    LocalTraining::Standard => batch_gradient(&model, &vars, &images, &target)?,
+                    LocalTraining::PerSampleDp {
+                        clip_norm,
+                        noise_multiplier,
+                    } => dp_sgd_gradient(
+                        &model,
+                        &vars,
+                        &images,
+                        &target,
+                        (clip_norm, noise_multiplier),
+                        &mut rng,
+                    )?,
+                };
+                loss_sum += loss;
                 loss_count += 1;
-                let grads = loss.backward()?;
                 match fl.algorithm {
-                    Algorithm::Fedsgd => {
-                        for (name, var) in &vars {
-                            if let Some(g) = grads.get(var.as_tensor()) {
-                                update.insert(name.clone(), g.detach());
-                            }
-                        }
-                    }
+                    Algorithm::Fedsgd => update = grads,
                     Algorithm::Fedavg => optimizer.step(&vars, &grads)?,
                 }
             }
@@ -235,51 +338,53 @@ pub fn run_federated(
                     update.insert(name.clone(), (var.as_tensor().detach() - &global[name])?);
                 }
             }
-            check_finite(&update, round, client)?;
-            let transmission = Transmission::plain(&update, None)?;
-            upload_bytes.push(transmission.len());
-            if capture_round {
-                let meta = CaptureMeta {
-                    round,
-                    client,
-                    algorithm: fl.algorithm,
-                    update_kind: match fl.algorithm {
-                        Algorithm::Fedsgd => UpdateKind::Gradient,
-                        Algorithm::Fedavg => UpdateKind::WeightDelta,
-                    },
-                    optimizer: fl.optimizer,
-                    lr: fl.lr,
-                    momentum: fl.momentum,
-                    weight_decay: fl.weight_decay,
-                    local_steps: batches.len(),
-                    batch_size: fl.batch_size.min(own.len()),
-                    num_samples: own.len(),
-                    scheme: "none".into(),
-                    seed,
-                    upload_bytes: transmission.len(),
-                };
-                let private = PrivateBatch {
-                    data: data_name.to_string(),
-                    step_labels: batches
-                        .iter()
-                        .map(|b| b.iter().map(|&i| data.train.labels[i]).collect())
-                        .collect(),
-                    step_indices: batches,
-                };
-                observer.captured(&Capture {
-                    meta,
-                    transmission: transmission.clone(),
-                    global: Checkpoint {
-                        config: cfg.clone(),
-                        tensors: global.clone(),
-                    },
-                    private: Some(private),
-                })?;
-            }
-            let decoded = transmission.decode_plain(&format!("client {client} upload"), &device)?;
-            received.push((own.len(), decoded));
+            check_finite(&update, &format!("client {client} in round {round}"))?;
+            let upload = scheme.encode(client, &update, &mut rng)?;
+            clients.push(ClientRound {
+                samples: own.len(),
+                upload,
+                batches,
+            });
         }
-        global = aggregate(fl, &global, &received)?;
+        let weighted: Vec<(usize, &Upload)> =
+            clients.iter().map(|c| (c.samples, &c.upload)).collect();
+        let aggregate = scheme.aggregate(&weighted, &global)?;
+        check_finite(
+            &aggregate.mean_update,
+            &format!("the aggregate of round {round}"),
+        )?;
+        if capture_round {
+            let context = CaptureContext {
+                fl,
+                cfg,
+                global: &global,
+                data,
+                data_name,
+                seed,
+                round,
+                scheme: &*scheme,
+            };
+            for (client, own) in clients.iter().enumerate() {
+                let Some(view) = scheme.server_reads(&own.upload.transmission, &global)? else {
+                    continue;
+                };
+                observer.captured(&context.capture(
+                    &[client],
+                    &[own],
+                    &view,
+                    own.upload.transmission.len(),
+                )?)?;
+            }
+            let all: Vec<usize> = (0..clients.len()).collect();
+            let everyone: Vec<&ClientRound> = clients.iter().collect();
+            observer.captured(&context.capture(
+                &all,
+                &everyone,
+                &aggregate.mean_update,
+                aggregate.download_bytes_per_client,
+            )?)?;
+        }
+        global = apply_aggregate(fl, &global, &aggregate.mean_update)?;
         let model = Checkpoint {
             config: cfg.clone(),
             tensors: global.clone(),
@@ -289,8 +394,15 @@ pub fn run_federated(
             round,
             test_accuracy: evaluate_accuracy(&model, &data.test, &device)?,
             train_loss: loss_sum / loss_count.max(1) as f64,
-            upload_bytes,
-            download_bytes_per_client: download_bytes,
+            upload_bytes: clients
+                .iter()
+                .map(|c| c.upload.transmission.len())
+                .collect(),
+            download_bytes_per_client: aggregate.download_bytes_per_client,
+            encode_seconds: clients.iter().map(|c| c.upload.encode_seconds).sum::<f64>()
+                / clients.len().max(1) as f64,
+            server_seconds: aggregate.server_seconds,
+            decode_seconds: aggregate.decode_seconds,
             round_seconds: started.elapsed().as_secs_f64(),
         };
         observer.round_finished(&record)?;
@@ -306,25 +418,97 @@ pub fn run_federated(
     })
 }
 
-/// The server step: the sample-weighted mean of the received updates, applied to the global model.
-fn aggregate(
+/// What every capture of a round shares.
+struct CaptureContext<'a> {
+    fl: &'a FlConfig,
+    cfg: &'a crate::model::VitConfig,
+    global: &'a BTreeMap<String, Tensor>,
+    data: &'a DataSplits,
+    data_name: &'a str,
+    seed: u64,
+    round: usize,
+    scheme: &'a dyn Scheme,
+}
+
+impl CaptureContext<'_> {
+    /// A capture of `view`, the update the party reads, produced by `members` (one client, or all of
+    /// them for the aggregate). The private batch of step s is the union of the members' step-s batches.
+    fn capture(
+        &self,
+        member_ids: &[usize],
+        members: &[&ClientRound],
+        view: &BTreeMap<String, Tensor>,
+        bytes: usize,
+    ) -> Result<Capture> {
+        let fl = self.fl;
+        let steps = members.iter().map(|m| m.batches.len()).max().unwrap_or(0);
+        let step_indices: Vec<Vec<usize>> = (0..steps)
+            .map(|s| {
+                members
+                    .iter()
+                    .filter_map(|m| m.batches.get(s))
+                    .flatten()
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let first = members
+            .first()
+            .map(|m| m.batches.clone())
+            .unwrap_or_default();
+        let meta = CaptureMeta {
+            round: self.round,
+            client: member_ids.first().copied().unwrap_or(0),
+            algorithm: fl.algorithm,
+            update_kind: match fl.algorithm {
+                Algorithm::Fedsgd => UpdateKind::Gradient,
+                Algorithm::Fedavg => UpdateKind::WeightDelta,
+            },
+            optimizer: fl.optimizer,
+            lr: fl.lr,
+            momentum: fl.momentum,
+            weight_decay: fl.weight_decay,
+            local_steps: first.len(),
+            batch_size: first.first().map(Vec::len).unwrap_or(0),
+            num_samples: members.iter().map(|m| m.samples).sum(),
+            scheme: self.scheme.id().to_string(),
+            seed: self.seed,
+            upload_bytes: bytes,
+            aggregate_of: if member_ids.len() > 1 {
+                member_ids.to_vec()
+            } else {
+                Vec::new()
+            },
+        };
+        let private = PrivateBatch {
+            data: self.data_name.to_string(),
+            step_labels: step_indices
+                .iter()
+                .map(|b| b.iter().map(|&i| self.data.train.labels[i]).collect())
+                .collect(),
+            step_indices,
+        };
+        Ok(Capture {
+            meta,
+            transmission: Transmission::plain(view, None)?,
+            global: Checkpoint {
+                config: self.cfg.clone(),
+                tensors: self.global.clone(),
+            },
+            private: Some(private),
+        })
+    }
+}
+
+/// The server step: the aggregated update applied to the global model.
+fn apply_aggregate(
     fl: &FlConfig,
     global: &BTreeMap<String, Tensor>,
-    received: &[(usize, BTreeMap<String, Tensor>)],
+    mean_update: &BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let total: usize = received.iter().map(|(n, _)| n).sum();
     let mut next = BTreeMap::new();
     for (name, value) in global {
-        let mut mean: Option<Tensor> = None;
-        for (samples, update) in received {
-            let Some(u) = update.get(name) else { continue };
-            let weighted = (u * (*samples as f64 / total as f64))?;
-            mean = Some(match mean {
-                Some(m) => (m + weighted)?,
-                None => weighted,
-            });
-        }
-        let updated = match (mean, fl.algorithm) {
+        let updated = match (mean_update.get(name), fl.algorithm) {
             (None, _) => value.clone(),
             (Some(m), Algorithm::Fedsgd) => (value - (m * fl.lr)?)?,
             (Some(m), Algorithm::Fedavg) => (value + m)?,

@@ -10,7 +10,11 @@
 //!
 //! One file per scheme; [`build_scheme`] is the registry.
 
+mod dp;
+mod glwe_secagg;
 mod none;
+mod paillier_secagg;
+mod prune;
 
 use std::collections::BTreeMap;
 
@@ -21,7 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::fl::Transmission;
 use crate::Result;
 
+pub use dp::{DpMode, DpScheme};
+pub use glwe_secagg::GlweScheme;
 pub use none::PlainScheme;
+pub use paillier_secagg::PaillierScheme;
+pub use prune::PruneScheme;
 
 /// A client's plain update, by Hugging Face parameter name.
 pub type NamedTensors = BTreeMap<String, Tensor>;
@@ -130,6 +138,54 @@ pub trait Scheme {
 pub enum SchemeConfig {
     /// Plain federated learning.
     None,
+    /// Differential privacy, client-level or per-sample DP-SGD (see [`DpScheme`]).
+    Dp {
+        /// Where the noise goes (`client_level`, the default, or `dp_sgd`).
+        #[serde(default)]
+        mode: DpMode,
+        /// Clipping norm C (of the whole update, or of each per-sample gradient); default 1.
+        #[serde(default = "dp::default_clip_norm")]
+        clip_norm: f64,
+        /// Noise standard deviation over C; default 1.
+        #[serde(default = "dp::default_noise_multiplier")]
+        noise_multiplier: f64,
+        /// Delta of the reported (epsilon, delta) guarantee; default 1e-5.
+        #[serde(default = "dp::default_delta")]
+        delta: f64,
+    },
+    /// Lattice secure aggregation: seeded GLWE ciphertexts under a key the clients share.
+    Glwe {
+        /// Largest |value| of an update coordinate (beyond it encoding fails).
+        #[serde(default = "glwe_secagg::default_max_abs")]
+        max_abs: f64,
+        /// Largest total sample weight of a round (sample counts divided by their gcd).
+        #[serde(default = "glwe_secagg::default_max_samples")]
+        max_samples: u64,
+    },
+    /// Paillier secure aggregation: packed fixed-point values, server adds ciphertexts.
+    Paillier {
+        /// Modulus bits (3072: ~128-bit security; at least 2048).
+        #[serde(default = "paillier_secagg::default_key_bits")]
+        key_bits: u32,
+        /// Largest |value| of an update coordinate that can be encoded.
+        #[serde(default = "paillier_secagg::default_max_abs")]
+        max_abs: f64,
+        /// Fixed-point fraction bits (resolution 2^-fraction_bits).
+        #[serde(default = "paillier_secagg::default_fraction_bits")]
+        fraction_bits: u32,
+        /// Headroom: the most samples a round may hold in all.
+        #[serde(default = "paillier_secagg::default_max_total_samples")]
+        max_total_samples: u64,
+    },
+    /// Gradient pruning: keep the largest entries of every tensor (see [`PruneScheme`]).
+    Prune {
+        /// Fraction of each tensor's entries kept, in (0, 1]; default 0.1.
+        #[serde(default = "prune::default_keep_fraction")]
+        keep_fraction: f64,
+        /// Quantise the kept values to 8 or 16 bits; absent: f32.
+        #[serde(default)]
+        quantize_bits: Option<u8>,
+    },
 }
 
 impl SchemeConfig {
@@ -137,14 +193,44 @@ impl SchemeConfig {
     pub fn id(&self) -> &'static str {
         match self {
             SchemeConfig::None => "none",
+            SchemeConfig::Dp { .. } => "dp",
+            SchemeConfig::Prune { .. } => "prune",
+            SchemeConfig::Glwe { .. } => "glwe",
+            SchemeConfig::Paillier { .. } => "paillier",
         }
     }
 }
 
 /// Builds the scheme a config names (the registry: one line per scheme).
-pub fn build_scheme(config: &SchemeConfig, _seed: u64) -> Result<Box<dyn Scheme>> {
+pub fn build_scheme(config: &SchemeConfig, seed: u64) -> Result<Box<dyn Scheme>> {
     Ok(match config {
         SchemeConfig::None => Box::new(PlainScheme),
+        SchemeConfig::Dp {
+            mode,
+            clip_norm,
+            noise_multiplier,
+            delta,
+        } => Box::new(DpScheme::new(*mode, *clip_norm, *noise_multiplier, *delta)?),
+        SchemeConfig::Prune {
+            keep_fraction,
+            quantize_bits,
+        } => Box::new(PruneScheme::new(*keep_fraction, *quantize_bits)?),
+        SchemeConfig::Glwe {
+            max_abs,
+            max_samples,
+        } => Box::new(GlweScheme::new(*max_abs, *max_samples, seed)?),
+        SchemeConfig::Paillier {
+            key_bits,
+            max_abs,
+            fraction_bits,
+            max_total_samples,
+        } => Box::new(PaillierScheme::new(
+            *key_bits,
+            *max_abs,
+            *fraction_bits,
+            *max_total_samples,
+            seed,
+        )?),
     })
 }
 
