@@ -75,6 +75,9 @@ pub enum Error {
     /// An attack failed (a numerical failure, or an observation it cannot read).
     #[error(transparent)]
     Attack(#[from] fedleak_attacks::AttackError),
+    /// Scoring failed (images of different shapes: a bug, not bad input).
+    #[error(transparent)]
+    Metrics(#[from] fedleak_metrics::MetricsError),
     /// Homomorphic encryption failed or was given values it cannot encode.
     #[error(transparent)]
     He(#[from] crate::he::HeError),
@@ -93,7 +96,11 @@ impl Error {
             | Error::UnknownData { .. }
             | Error::InvalidCheckpoint { .. }
             | Error::InvalidSetting { .. } => true,
-            Error::Candle(_) | Error::Attack(_) | Error::He(_) | Error::Training(_) => false,
+            Error::Candle(_)
+            | Error::Attack(_)
+            | Error::Metrics(_)
+            | Error::He(_)
+            | Error::Training(_) => false,
         }
     }
 

@@ -1,7 +1,14 @@
-//! Turning what was captured into what each party observes, running attacks on it, and scoring them.
+//! Turning what was captured into what each party observes, running attacks on it, scoring them, and
+//! judging every scheme: the `fedleak audit` pipeline.
 //!
 //! The private batch travels beside an observation only to be scored; attacks never receive it.
 
+mod config;
 mod observe;
+mod run;
 
+pub use config::{AttackKind, AttackSettings, AuditConfig, VerdictThresholds, DEFAULT_AUDIT_TOML};
 pub use observe::{observation_of, private_images, PrivateImages};
+pub use run::{
+    run_audit, AuditOutcome, AuditProgress, Figure, ImageRow, SchemeVerdict, SummaryRow,
+};

@@ -109,7 +109,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         iterations: args.iterations,
         restarts: args.restarts,
         tv_weight: args.tv_weight,
-        seed: global.seed,
+        seed: global.seed(),
         ..InvertingGradientsConfig::default()
     };
     let closed_form = match args.attack {

@@ -55,7 +55,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let preset = ModelPreset::from_name(&args.model)?;
     let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     let config = preset.config(&classes, PositionEmbeddingKind::Learnable);
-    let tensors = init_parameters(&config, global.seed, DType::F32, &device)?;
+    let tensors = init_parameters(&config, global.seed(), DType::F32, &device)?;
     let vars: Vec<(String, candle_core::Var)> = tensors
         .iter()
         .map(|(k, v)| Ok((k.clone(), candle_core::Var::from_tensor(v)?)))
@@ -68,7 +68,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
             .collect(),
     }
     .model()?;
-    let mut rng = StdRng::seed_from_u64(global.seed);
+    let mut rng = StdRng::seed_from_u64(global.seed());
     let side = config.image_size;
     let pixels: Vec<f32> = (0..args.batch * 3 * side * side)
         .map(|_| rng.random())

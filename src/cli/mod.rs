@@ -1,6 +1,7 @@
 //! Command-line definition and glue (binary only): flags, device selection, error rendering.
 
 mod attack;
+mod audit;
 mod bench;
 mod metrics;
 mod train;
@@ -24,9 +25,10 @@ pub struct Args {
 /// Options every command takes.
 #[derive(Debug, clap::Args)]
 pub struct GlobalArgs {
-    /// Seed of every random choice (partition, initialisation, batches); same seed, same results.
-    #[arg(long, global = true, default_value_t = 1)]
-    pub seed: u64,
+    /// Seed of every random choice (partition, initialisation, batches); same seed, same results
+    /// [default: 1, or the audit configuration's `seed`].
+    #[arg(long, global = true)]
+    pub seed: Option<u64>,
     /// Where tensors live: `cpu`, or `cuda` when fedleak is built with `--features cuda`.
     #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -36,6 +38,13 @@ pub struct GlobalArgs {
     /// Only errors on stderr; no progress bars.
     #[arg(long, global = true)]
     pub quiet: bool,
+}
+
+impl GlobalArgs {
+    /// The seed: `--seed`, or 1.
+    pub fn seed(&self) -> u64 {
+        self.seed.unwrap_or(1)
+    }
 }
 
 /// A compute device.
@@ -50,6 +59,8 @@ pub enum DeviceArg {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Audit privacy: train under every protection scheme, attack what every party sees, write the report.
+    Audit(audit::AuditArgs),
     /// Train a ViT federatedly (FedSGD or FedAvg) and capture client uploads for attacks.
     Train(train::TrainArgs),
     /// Run a reconstruction attack on a captured update and score it against the private batch.
@@ -63,6 +74,7 @@ pub enum Command {
 /// Runs the parsed command.
 pub fn run(args: Args) -> Result<()> {
     match args.command {
+        Command::Audit(a) => audit::run(&args.global, a),
         Command::Train(a) => train::run(&args.global, a),
         Command::Attack(a) => attack::run(&args.global, a),
         Command::Metrics(a) => metrics::run(a),

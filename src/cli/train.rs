@@ -54,7 +54,7 @@ pub struct TrainArgs {
     /// or an ImageFolder directory `DIR/[split/]label/*.png`.
     #[arg(long, default_value = "fixture:ihc-tiles-32")]
     pub data: String,
-    /// A preset (vit-micro-32, vit-tiny-32, vit-b16-224) or a Hugging Face checkpoint directory.
+    /// A preset (vit-nano-32, vit-micro-32, vit-tiny-32, vit-b16-224) or a Hugging Face checkpoint directory.
     #[arg(long, default_value = "vit-tiny-32")]
     pub model: String,
     /// Position embedding of a preset model.
@@ -216,7 +216,7 @@ pub fn run(global: &GlobalArgs, args: TrainArgs) -> Result<()> {
             .config(&[], position_kind(args.position_embedding))
             .input_shape(),
     };
-    let data = load_data(&spec, shape, global.seed)?;
+    let data = load_data(&spec, shape, global.seed())?;
     let initial = match resolved {
         Ok(checkpoint) => checkpoint,
         Err(preset) => {
@@ -225,7 +225,7 @@ pub fn run(global: &GlobalArgs, args: TrainArgs) -> Result<()> {
                 position_kind(args.position_embedding),
             );
             config.validate(preset.name())?;
-            let tensors = init_parameters(&config, global.seed, DType::F32, &device)?;
+            let tensors = init_parameters(&config, global.seed(), DType::F32, &device)?;
             Checkpoint { config, tensors }
         }
     };
@@ -237,7 +237,7 @@ pub fn run(global: &GlobalArgs, args: TrainArgs) -> Result<()> {
     })?;
     let record = TrainRecord {
         fedleak_version: env!("CARGO_PKG_VERSION"),
-        seed: global.seed,
+        seed: global.seed(),
         data: spec.to_string(),
         model: &args.model,
         model_config: &initial.config,
@@ -271,7 +271,7 @@ pub fn run(global: &GlobalArgs, args: TrainArgs) -> Result<()> {
         &initial,
         &data,
         &spec.to_string(),
-        global.seed,
+        global.seed(),
         &mut PlainScheme,
         &mut observer,
     )?;

@@ -83,6 +83,10 @@ fn default_architectures() -> Vec<String> {
 /// The named architectures fedleak ships (`--model NAME`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ModelPreset {
+    /// 32x32 input, patch 8 (16 patches), width 32, 1 block, 2 heads, MLP 64 (~15k parameters): the default
+    /// audit's model, small enough that Paillier at 3072 bits trains it in minutes.
+    #[serde(rename = "vit-nano-32")]
+    VitNano32,
     /// 32x32 input, patch 8 (16 patches), width 64, 2 blocks, 4 heads, MLP 128: fast audits and tests.
     #[serde(rename = "vit-micro-32")]
     VitMicro32,
@@ -96,7 +100,8 @@ pub enum ModelPreset {
 
 impl ModelPreset {
     /// Every preset, in the order the help text lists them.
-    pub const ALL: [ModelPreset; 3] = [
+    pub const ALL: [ModelPreset; 4] = [
+        ModelPreset::VitNano32,
         ModelPreset::VitMicro32,
         ModelPreset::VitTiny32,
         ModelPreset::VitB16_224,
@@ -105,6 +110,7 @@ impl ModelPreset {
     /// The preset's command-line name.
     pub fn name(self) -> &'static str {
         match self {
+            ModelPreset::VitNano32 => "vit-nano-32",
             ModelPreset::VitMicro32 => "vit-micro-32",
             ModelPreset::VitTiny32 => "vit-tiny-32",
             ModelPreset::VitB16_224 => "vit-b16-224",
@@ -145,6 +151,7 @@ impl ModelPreset {
         position_embedding: PositionEmbeddingKind,
     ) -> VitConfig {
         let (image_size, patch_size, hidden_size, depth, heads, mlp, eps) = match self {
+            ModelPreset::VitNano32 => (32, 8, 32, 1, 2, 64, 1e-6),
             ModelPreset::VitMicro32 => (32, 8, 64, 2, 4, 128, 1e-6),
             ModelPreset::VitTiny32 => (32, 4, 192, 4, 3, 768, 1e-6),
             ModelPreset::VitB16_224 => (224, 16, 768, 12, 12, 3072, 1e-12),

@@ -1,0 +1,171 @@
+//! The audit configuration (`fedleak audit --config FILE`, TOML) and the embedded default.
+
+use serde::{Deserialize, Serialize};
+
+use crate::fl::FlConfig;
+use crate::model::PositionEmbeddingKind;
+use crate::schemes::SchemeConfig;
+use crate::{Error, Result};
+
+/// The embedded default audit, printed by `fedleak audit --print-default-config`.
+pub const DEFAULT_AUDIT_TOML: &str = include_str!("default_audit.toml");
+
+/// Which attacks the audit runs on every observation they apply to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttackKind {
+    /// The APRIL-style closed form (batch 1, learnable position embedding).
+    April,
+    /// Inverting Gradients (optimisation with second-order autograd), labels from iDLG / label counts.
+    Ig,
+}
+
+impl AttackKind {
+    /// The id used in reports.
+    pub fn id(self) -> &'static str {
+        match self {
+            AttackKind::April => "april",
+            AttackKind::Ig => "ig",
+        }
+    }
+}
+
+/// Attack settings (`[attack]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttackSettings {
+    /// The attacks to run, strongest first.
+    pub kinds: Vec<AttackKind>,
+    /// Clients whose individual uploads are attacked when a party reads them (0-based).
+    pub clients: Vec<usize>,
+    /// Inverting Gradients: optimisation iterations per restart.
+    pub iterations: usize,
+    /// Inverting Gradients: random restarts (the best by matching loss is kept).
+    pub restarts: usize,
+    /// Inverting Gradients: weight of the total-variation prior.
+    pub tv_weight: f64,
+}
+
+impl Default for AttackSettings {
+    fn default() -> Self {
+        Self {
+            kinds: vec![AttackKind::April, AttackKind::Ig],
+            clients: vec![0],
+            iterations: 200,
+            restarts: 1,
+            tv_weight: 1e-4,
+        }
+    }
+}
+
+/// When a scheme is judged to leak (`[verdict]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerdictThresholds {
+    /// An image leaks when its PSNR beats the uninformed baseline (the dataset's mean image scored
+    /// against the same private image) by at least this many dB ...
+    pub psnr_margin_db: f64,
+    /// ... and its SSIM reaches at least this.
+    pub ssim_min: f64,
+}
+
+impl Default for VerdictThresholds {
+    fn default() -> Self {
+        Self {
+            psnr_margin_db: 3.0,
+            ssim_min: 0.5,
+        }
+    }
+}
+
+/// A whole audit: data, model, federated setting, the schemes to compare, attacks and verdict rules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Data source: `fixture:NAME`, `medmnist:PATH.npz` or `folder:DIR`.
+    pub data: String,
+    /// Model preset name or checkpoint directory.
+    pub model: String,
+    /// Position embedding of a preset model.
+    #[serde(default)]
+    pub position_embedding: PositionEmbeddingKind,
+    /// Seed of every random choice.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The federated run every scheme is trained with.
+    #[serde(default)]
+    pub fl: FlConfig,
+    /// The protection schemes to compare (`none` is the baseline).
+    pub schemes: Vec<SchemeConfig>,
+    /// The attacks.
+    #[serde(default)]
+    pub attack: AttackSettings,
+    /// Verdict thresholds.
+    #[serde(default)]
+    pub verdict: VerdictThresholds,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+impl AuditConfig {
+    /// The embedded default audit.
+    pub fn embedded_default() -> Result<Self> {
+        Self::from_toml(DEFAULT_AUDIT_TOML, "the embedded default audit")
+    }
+
+    /// Parses a TOML audit configuration; `origin` names it in errors (the file path).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let config: AuditConfig = toml::from_str(text).map_err(|e| Error::InvalidSetting {
+            key: origin.to_string(),
+            reason: e.message().to_string()
+                + &e.span()
+                    .map(|span| {
+                        let line = text[..span.start].matches('\n').count() + 1;
+                        let content = text.lines().nth(line - 1).unwrap_or_default().trim();
+                        format!(" (line {line}: `{content}`)")
+                    })
+                    .unwrap_or_default(),
+            hint: "compare with `fedleak audit --print-default-config`; keys are case-sensitive"
+                .to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings that serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        self.fl.validate()?;
+        let bad = |key: &str, reason: &str, hint: &str| Error::InvalidSetting {
+            key: key.into(),
+            reason: reason.into(),
+            hint: hint.into(),
+        };
+        if self.schemes.is_empty() {
+            return Err(bad(
+                "schemes",
+                "no scheme to audit",
+                "add at least `[[schemes]] id = \"none\"`",
+            ));
+        }
+        if self.attack.iterations == 0 || self.attack.restarts == 0 {
+            return Err(bad(
+                "attack.iterations",
+                "iterations and restarts must be at least 1",
+                "e.g. iterations = 200, restarts = 1",
+            ));
+        }
+        if let Some(&c) = self.attack.clients.iter().find(|&&c| c >= self.fl.clients) {
+            return Err(bad(
+                "attack.clients",
+                &format!(
+                    "client {c} does not exist with fl.clients = {}",
+                    self.fl.clients
+                ),
+                "list 0-based client indices below fl.clients",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,715 @@
+//! Running an audit: train under every scheme, attack what every party sees, score, judge.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use fedleak_attacks::{
+    count_labels, infer_label_idlg, invert_gradients, reconstruct_april, AttackOutcome,
+    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
+};
+use fedleak_metrics::{match_batch, score_pair, ImageDims};
+use serde::Serialize;
+
+use super::config::{AttackKind, AuditConfig};
+use super::observe::observation_of;
+use crate::data::{load_data, DataSpec, DataSplits};
+use crate::fl::{run_federated, Capture, FlObserver, RoundRecord};
+use crate::model::{init_parameters, load_checkpoint, Checkpoint, ModelPreset, VitTarget};
+use crate::schemes::{build_scheme, View};
+use crate::Result;
+
+/// Receives progress messages while an audit runs; the library never prints.
+pub trait AuditProgress {
+    /// A step started (`training scheme dp`, `attacking ...`).
+    fn step(&mut self, message: &str);
+}
+
+/// One reconstructed image, scored (a row of `results.csv`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImageRow {
+    /// Scheme id.
+    pub scheme: String,
+    /// Threat model id (`server`, ...).
+    pub threat_model: String,
+    /// Attack id.
+    pub attack: String,
+    /// 1-based round.
+    pub round: usize,
+    /// The attacked party's upload (`client-0`, `aggregate`).
+    pub party: String,
+    /// Index of the reconstruction in its batch.
+    pub image: usize,
+    /// Index of the matched private image in the attacked batch.
+    pub private_index: usize,
+    /// PSNR (dB, data range 1).
+    pub psnr_db: f64,
+    /// SSIM (Wang et al., Gaussian window).
+    pub ssim: f64,
+    /// Normalised mutual information I/H in [0, 1].
+    pub nmi: f64,
+    /// PSNR of the uninformed baseline (the training set's mean image) against the same private image.
+    pub baseline_psnr_db: f64,
+    /// SSIM of the uninformed baseline.
+    pub baseline_ssim: f64,
+    /// Whether this image counts as leaked under the verdict thresholds.
+    pub leaked: bool,
+    /// The label the attack recovered, when it recovers labels.
+    pub label: Option<u32>,
+    /// The true label.
+    pub true_label: u32,
+    /// Whether the recovered label is right.
+    pub label_correct: Option<bool>,
+    /// Wall time of the attack on the whole batch, in seconds.
+    pub attack_seconds: f64,
+}
+
+/// One scheme x threat model x attack x capture (a row of `summary.csv`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SummaryRow {
+    /// Scheme id.
+    pub scheme: String,
+    /// The scheme's settings in one line.
+    pub scheme_parameters: String,
+    /// Attack id (`-` when nothing could be attacked).
+    pub attack: String,
+    /// Threat model id.
+    pub threat_model: String,
+    /// 1-based round of the capture.
+    pub round: usize,
+    /// The attacked party (`client-0`, `aggregate`, `wire`).
+    pub party: String,
+    /// Images behind the attacked update.
+    pub batch_size: usize,
+    /// Mean PSNR over the reconstructed images (empty when not attacked).
+    pub psnr_db_mean: Option<f64>,
+    /// Best PSNR.
+    pub psnr_db_max: Option<f64>,
+    /// Mean SSIM.
+    pub ssim_mean: Option<f64>,
+    /// Mean NMI.
+    pub nmi_mean: Option<f64>,
+    /// Fraction of recovered labels that are right (empty when the attack recovers none).
+    pub label_accuracy: Option<f64>,
+    /// Mean PSNR of the uninformed baseline on the same private images.
+    pub baseline_psnr_db: Option<f64>,
+    /// Test accuracy of the global model after this round.
+    pub test_accuracy: f64,
+    /// Mean exact upload bytes per client in this round.
+    pub upload_bytes_per_client_round: usize,
+    /// Exact download bytes per client in this round.
+    pub download_bytes_per_client_round: usize,
+    /// Wall time of the round (training, encoding, aggregation, evaluation).
+    pub round_seconds: f64,
+    /// Mean client encoding seconds (encryption, noise, sparsification) in this round.
+    pub encode_seconds: f64,
+    /// Server aggregation seconds in this round.
+    pub server_seconds: f64,
+    /// Wall time of the attack.
+    pub attack_seconds: Option<f64>,
+    /// `leaks`, `resists` or `not_attacked`.
+    pub verdict: String,
+    /// Why: the figures behind the verdict, or why no attack applies.
+    pub reason: String,
+}
+
+/// The verdict on one scheme, over every threat model, attack and capture.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SchemeVerdict {
+    /// Scheme id.
+    pub scheme: String,
+    /// The scheme's settings.
+    pub scheme_parameters: String,
+    /// `leaks`, `resists` or `not_attacked`.
+    pub verdict: String,
+    /// Why, in one sentence.
+    pub reason: String,
+    /// Best PSNR of any attack on any capture.
+    pub psnr_db_max: Option<f64>,
+    /// Best mean SSIM of any attack on any capture.
+    pub ssim_max: Option<f64>,
+    /// Best mean NMI.
+    pub nmi_max: Option<f64>,
+    /// Test accuracy after the last round.
+    pub final_test_accuracy: f64,
+    /// Mean upload bytes per client per round over the run.
+    pub upload_bytes_per_client_round: f64,
+    /// Mean download bytes per client per round.
+    pub download_bytes_per_client_round: f64,
+    /// Mean round wall time.
+    pub round_seconds: f64,
+    /// Each threat model and what it sees, for the report.
+    pub threat_models: Vec<(String, String)>,
+    /// Test accuracy after every round.
+    pub accuracy_by_round: Vec<f64>,
+}
+
+/// An image grid (private | reconstruction) to show in the report.
+#[derive(Debug, Clone)]
+pub struct Figure {
+    /// File name under `images/`.
+    pub file: String,
+    /// Caption.
+    pub caption: String,
+    /// The rows of the grid: private images, then the matched reconstructions (each B x C x H x W).
+    pub rows: Vec<Tensor>,
+}
+
+/// Everything an audit produced.
+#[derive(Debug, Clone)]
+pub struct AuditOutcome {
+    /// One row per reconstructed image.
+    pub images: Vec<ImageRow>,
+    /// One row per scheme x threat model x attack x capture.
+    pub summary: Vec<SummaryRow>,
+    /// One verdict per scheme.
+    pub verdicts: Vec<SchemeVerdict>,
+    /// Image grids for the report.
+    pub figures: Vec<Figure>,
+    /// The round records of every scheme's training, by scheme id.
+    pub rounds: BTreeMap<String, Vec<RoundRecord>>,
+    /// The model configuration name (preset or checkpoint path) and its parameter count.
+    pub model_parameters: usize,
+    /// Wall time of the whole audit.
+    pub seconds: f64,
+}
+
+/// Collects the captures the audit attacks.
+struct Collector<'a> {
+    wanted_clients: &'a [usize],
+    captures: Vec<Capture>,
+    rounds: Vec<RoundRecord>,
+}
+
+impl FlObserver for Collector<'_> {
+    fn round_finished(&mut self, record: &RoundRecord) -> Result<()> {
+        self.rounds.push(record.clone());
+        Ok(())
+    }
+
+    fn captured(&mut self, capture: &Capture) -> Result<()> {
+        let aggregate = !capture.meta.aggregate_of.is_empty();
+        if aggregate || self.wanted_clients.contains(&capture.meta.client) {
+            self.captures.push(capture.clone());
+        }
+        Ok(())
+    }
+}
+
+fn party(capture: &Capture) -> String {
+    if capture.meta.aggregate_of.is_empty() {
+        format!("client-{}", capture.meta.client)
+    } else {
+        "aggregate".to_string()
+    }
+}
+
+/// The image shape the audit's model takes (images are converted to it on load).
+fn input_shape(config: &AuditConfig, device: &Device) -> Result<crate::data::ImageShape> {
+    let path = std::path::Path::new(&config.model);
+    if path.exists() {
+        return Ok(load_checkpoint(path, DType::F32, device)?
+            .config
+            .input_shape());
+    }
+    let preset = ModelPreset::from_name(&config.model)?;
+    Ok(preset.config(&[], config.position_embedding).input_shape())
+}
+
+/// The initial global model of the audit: the checkpoint, or a preset initialised from the seed.
+fn initial_model(config: &AuditConfig, data: &DataSplits, device: &Device) -> Result<Checkpoint> {
+    let path = std::path::Path::new(&config.model);
+    if path.exists() {
+        return load_checkpoint(path, DType::F32, device);
+    }
+    let preset = ModelPreset::from_name(&config.model)?;
+    let model_config = preset.config(&data.train.class_names, config.position_embedding);
+    model_config.validate(preset.name())?;
+    let tensors = init_parameters(&model_config, config.seed, DType::F32, device)?;
+    Ok(Checkpoint {
+        config: model_config,
+        tensors,
+    })
+}
+
+/// The private images and labels of a capture (every distinct image of its batches, in order).
+fn private_batch(
+    capture: &Capture,
+    data: &DataSplits,
+    device: &Device,
+) -> Result<(Tensor, Vec<u32>)> {
+    let mut indices: Vec<usize> = Vec::new();
+    if let Some(private) = &capture.private {
+        for &i in private.step_indices.iter().flatten() {
+            if !indices.contains(&i) {
+                indices.push(i);
+            }
+        }
+    }
+    let shape = data.train.shape;
+    let mut values = Vec::with_capacity(indices.len() * shape.len());
+    for &i in &indices {
+        values.extend_from_slice(data.train.image(i));
+    }
+    let images = Tensor::from_vec(
+        values,
+        (indices.len(), shape.channels, shape.height, shape.width),
+        device,
+    )?;
+    Ok((
+        images,
+        indices.iter().map(|&i| data.train.labels[i]).collect(),
+    ))
+}
+
+/// The per-pixel mean of the training images: the uninformed attacker's best constant guess.
+fn mean_image(data: &DataSplits) -> Vec<f32> {
+    let len = data.train.shape.len();
+    let mut sum = vec![0f64; len];
+    for i in 0..data.train.len() {
+        for (s, &v) in sum.iter_mut().zip(data.train.image(i)) {
+            *s += v as f64;
+        }
+    }
+    let n = data.train.len().max(1) as f64;
+    sum.into_iter().map(|s| (s / n) as f32).collect()
+}
+
+/// Labels for an optimisation attack: iDLG for one image, label counts for a batch.
+fn recover_labels(
+    observation: &Observation,
+    target: &VitTarget,
+) -> Result<std::result::Result<Vec<u32>, String>> {
+    let single = observation
+        .update_view()
+        .map(|v| v.images == 1)
+        .unwrap_or(false);
+    let outcome = if single {
+        infer_label_idlg(observation, target)?
+    } else {
+        count_labels(observation, target, &LabelCountConfig::default())?
+    };
+    Ok(match outcome {
+        LabelOutcome::Recovered(r) => Ok(r.labels),
+        LabelOutcome::NotApplicable { attack, reason } => Err(format!("{attack}: {reason}")),
+    })
+}
+
+fn run_attack(
+    kind: AttackKind,
+    observation: &Observation,
+    target: &VitTarget,
+    config: &AuditConfig,
+) -> Result<AttackOutcome> {
+    Ok(match kind {
+        AttackKind::April => reconstruct_april(observation, target)?,
+        AttackKind::Ig => match recover_labels(observation, target)? {
+            Ok(labels) => invert_gradients(
+                observation,
+                target,
+                &labels,
+                &InvertingGradientsConfig {
+                    iterations: config.attack.iterations,
+                    restarts: config.attack.restarts,
+                    tv_weight: config.attack.tv_weight,
+                    seed: config.seed,
+                    ..InvertingGradientsConfig::default()
+                },
+            )?,
+            Err(reason) => AttackOutcome::NotApplicable {
+                attack: "ig",
+                reason: format!("labels could not be recovered ({reason})"),
+            },
+        },
+    })
+}
+
+fn values_of(images: &Tensor, i: usize) -> Result<Vec<f32>> {
+    Ok(images.get(i)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// What one attack on one capture gave.
+struct Scored {
+    rows: Vec<ImageRow>,
+    figure: Option<Figure>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn score(
+    reconstruction: &Reconstruction,
+    private: &(Tensor, Vec<u32>),
+    baseline: &[f32],
+    context: (&str, &str, usize, &str),
+    config: &AuditConfig,
+) -> Result<Scored> {
+    let (scheme, threat, round, party) = context;
+    let (references, labels) = private;
+    let (_, c, h, w) = references.dims4()?;
+    let dims = ImageDims::new(c, h, w);
+    let refs: Vec<Vec<f32>> = (0..references.dim(0)?)
+        .map(|i| values_of(references, i))
+        .collect::<Result<_>>()?;
+    let recs: Vec<Vec<f32>> = (0..reconstruction.images.dim(0)?)
+        .map(|i| values_of(&reconstruction.images, i))
+        .collect::<Result<_>>()?;
+    let matching = match_batch(
+        &refs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        &recs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        dims,
+    )?;
+    let mut rows = Vec::new();
+    for pair in &matching.pairs {
+        let base = score_pair(&refs[pair.reference], baseline, dims)?;
+        let label = reconstruction
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(pair.reconstruction).copied());
+        let true_label = labels[pair.reference];
+        rows.push(ImageRow {
+            scheme: scheme.into(),
+            threat_model: threat.into(),
+            attack: reconstruction.attack.into(),
+            round,
+            party: party.into(),
+            image: pair.reconstruction,
+            private_index: pair.reference,
+            psnr_db: pair.score.psnr_db,
+            ssim: pair.score.ssim,
+            nmi: pair.score.nmi,
+            baseline_psnr_db: base.psnr_db,
+            baseline_ssim: base.ssim,
+            leaked: pair.score.psnr_db >= base.psnr_db + config.verdict.psnr_margin_db
+                && pair.score.ssim >= config.verdict.ssim_min,
+            label,
+            true_label,
+            label_correct: label.map(|l| l == true_label),
+            attack_seconds: reconstruction.seconds,
+        });
+    }
+    let shown = matching.pairs.len().min(8);
+    let figure = if shown > 0 {
+        let pick = |images: &Tensor, index: &dyn Fn(usize) -> usize| -> Result<Tensor> {
+            let chosen = (0..shown)
+                .map(|k| images.get(index(k)))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Tensor::stack(&chosen, 0)?)
+        };
+        let private_row = pick(references, &|k| matching.pairs[k].reference)?;
+        let recon_row = pick(&reconstruction.images, &|k| {
+            matching.pairs[k].reconstruction
+        })?;
+        Some(Figure {
+            file: format!("{scheme}-{threat}-round{round}-{party}-{}.png", reconstruction.attack),
+            caption: format!(
+                "{scheme}: {threat} attacks the {party} upload of round {round} with {} (top: private, bottom: reconstruction)",
+                reconstruction.attack
+            ),
+            rows: vec![private_row, recon_row],
+        })
+    } else {
+        None
+    };
+    Ok(Scored { rows, figure })
+}
+
+/// Runs the audit `config` on `device`, reporting progress to `progress`.
+pub fn run_audit(
+    config: &AuditConfig,
+    device: &Device,
+    progress: &mut dyn AuditProgress,
+) -> Result<AuditOutcome> {
+    let started = Instant::now();
+    config.validate()?;
+    let spec = DataSpec::parse(&config.data)?;
+    progress.step(&format!("loading {}", config.data));
+    let data = load_data(&spec, input_shape(config, device)?, config.seed)?;
+    let initial = initial_model(config, &data, device)?;
+    let model_parameters = initial.tensors.values().map(Tensor::elem_count).sum();
+    let baseline = mean_image(&data);
+    let mut outcome = AuditOutcome {
+        images: Vec::new(),
+        summary: Vec::new(),
+        verdicts: Vec::new(),
+        figures: Vec::new(),
+        rounds: BTreeMap::new(),
+        model_parameters,
+        seconds: 0.0,
+    };
+    for scheme_config in &config.schemes {
+        let mut scheme = build_scheme(scheme_config, config.seed)?;
+        let id = scheme.id().to_string();
+        progress.step(&format!(
+            "training under `{id}` ({} rounds)",
+            config.fl.rounds
+        ));
+        let mut collector = Collector {
+            wanted_clients: &config.attack.clients,
+            captures: Vec::new(),
+            rounds: Vec::new(),
+        };
+        let trained = run_federated(
+            &config.fl,
+            &initial,
+            &data,
+            &spec.to_string(),
+            config.seed,
+            scheme.as_mut(),
+            &mut collector,
+        )?;
+        let parameters = scheme.parameters();
+        let threat_models = scheme.threat_models();
+        let mut scheme_rows: Vec<SummaryRow> = Vec::new();
+        for capture in &collector.captures {
+            let round = capture.meta.round;
+            let record = &trained.rounds[round - 1];
+            let uploads = &record.upload_bytes;
+            let base_row = SummaryRow {
+                scheme: id.clone(),
+                scheme_parameters: parameters.clone(),
+                attack: "-".into(),
+                threat_model: String::new(),
+                round,
+                party: party(capture),
+                batch_size: 0,
+                psnr_db_mean: None,
+                psnr_db_max: None,
+                ssim_mean: None,
+                nmi_mean: None,
+                label_accuracy: None,
+                baseline_psnr_db: None,
+                test_accuracy: record.test_accuracy,
+                upload_bytes_per_client_round: uploads.iter().sum::<usize>() / uploads.len().max(1),
+                download_bytes_per_client_round: record.download_bytes_per_client,
+                round_seconds: record.round_seconds,
+                encode_seconds: record.encode_seconds,
+                server_seconds: record.server_seconds,
+                attack_seconds: None,
+                verdict: "not_attacked".into(),
+                reason: String::new(),
+            };
+            let is_aggregate = !capture.meta.aggregate_of.is_empty();
+            for threat in &threat_models {
+                let applies = match &threat.view {
+                    View::ClientUpdates => !is_aggregate,
+                    View::Aggregate => is_aggregate,
+                    View::Ciphertext { .. } => false,
+                };
+                if !applies {
+                    continue;
+                }
+                let observation = observation_of(capture, device)?;
+                let observation = if is_aggregate {
+                    let Observation::ClientUpdate {
+                        update,
+                        source,
+                        batch_size,
+                    } = observation
+                    else {
+                        continue;
+                    };
+                    Observation::Aggregate {
+                        update,
+                        source,
+                        clients: capture.meta.aggregate_of.len(),
+                        batch_size,
+                    }
+                } else {
+                    observation
+                };
+                let target = VitTarget::new(&capture.global);
+                let private = private_batch(capture, &data, device)?;
+                for &kind in &config.attack.kinds {
+                    progress.step(&format!(
+                        "`{id}`: {} attacks the {} upload of round {round} with {}",
+                        threat.id,
+                        party(capture),
+                        kind.id()
+                    ));
+                    let mut row = SummaryRow {
+                        threat_model: threat.id.clone(),
+                        attack: kind.id().into(),
+                        batch_size: private.1.len(),
+                        ..base_row.clone()
+                    };
+                    // An attack that breaks down on what this party sees (e.g. the closed form on a
+                    // pruned gradient whose token gradients are zero) is a finding, not an audit failure.
+                    match run_attack(kind, &observation, &target, config) {
+                        Err(crate::Error::Attack(e)) => {
+                            row.reason = format!("attack failed: {e}");
+                        }
+                        Err(e) => return Err(e),
+                        Ok(AttackOutcome::NotApplicable { reason, .. }) => {
+                            row.reason = format!("not applicable: {reason}");
+                        }
+                        Ok(AttackOutcome::Reconstructed(reconstruction)) => {
+                            let scored = score(
+                                &reconstruction,
+                                &private,
+                                &baseline,
+                                (&id, &threat.id, round, &party(capture)),
+                                config,
+                            )?;
+                            let psnr: Vec<f64> = scored.rows.iter().map(|r| r.psnr_db).collect();
+                            let ssim: Vec<f64> = scored.rows.iter().map(|r| r.ssim).collect();
+                            let nmi: Vec<f64> = scored.rows.iter().map(|r| r.nmi).collect();
+                            let base: Vec<f64> =
+                                scored.rows.iter().map(|r| r.baseline_psnr_db).collect();
+                            let labels: Vec<f64> = scored
+                                .rows
+                                .iter()
+                                .filter_map(|r| r.label_correct.map(f64::from))
+                                .collect();
+                            let leaked = scored.rows.iter().filter(|r| r.leaked).count();
+                            row.psnr_db_mean = mean(&psnr);
+                            row.psnr_db_max = psnr.iter().copied().reduce(f64::max);
+                            row.ssim_mean = mean(&ssim);
+                            row.nmi_mean = mean(&nmi);
+                            row.label_accuracy = mean(&labels);
+                            row.baseline_psnr_db = mean(&base);
+                            row.attack_seconds = Some(reconstruction.seconds);
+                            row.verdict = if leaked > 0 { "leaks" } else { "resists" }.into();
+                            row.reason = format!(
+                                "{leaked} of {} images beat the mean-image baseline by >= {} dB with SSIM >= {}",
+                                scored.rows.len(),
+                                config.verdict.psnr_margin_db,
+                                config.verdict.ssim_min
+                            );
+                            outcome.images.extend(scored.rows);
+                            outcome.figures.extend(scored.figure);
+                        }
+                    }
+                    scheme_rows.push(row);
+                }
+            }
+        }
+        for threat in &threat_models {
+            if let View::Ciphertext { security } = &threat.view {
+                let last = trained.rounds.last();
+                scheme_rows.push(SummaryRow {
+                    scheme: id.clone(),
+                    scheme_parameters: parameters.clone(),
+                    attack: "-".into(),
+                    threat_model: threat.id.clone(),
+                    round: last.map(|r| r.round).unwrap_or(0),
+                    party: "wire".into(),
+                    batch_size: 0,
+                    psnr_db_mean: None,
+                    psnr_db_max: None,
+                    ssim_mean: None,
+                    nmi_mean: None,
+                    label_accuracy: None,
+                    baseline_psnr_db: None,
+                    test_accuracy: last.map(|r| r.test_accuracy).unwrap_or(0.0),
+                    upload_bytes_per_client_round: last
+                        .map(|r| r.upload_bytes.iter().sum::<usize>() / r.upload_bytes.len().max(1))
+                        .unwrap_or(0),
+                    download_bytes_per_client_round: last
+                        .map(|r| r.download_bytes_per_client)
+                        .unwrap_or(0),
+                    round_seconds: last.map(|r| r.round_seconds).unwrap_or(0.0),
+                    encode_seconds: last.map(|r| r.encode_seconds).unwrap_or(0.0),
+                    server_seconds: last.map(|r| r.server_seconds).unwrap_or(0.0),
+                    attack_seconds: None,
+                    verdict: "not_attacked".into(),
+                    reason: format!("not attacked: ciphertext under {security}"),
+                });
+            }
+        }
+        outcome.verdicts.push(judge(
+            &id,
+            &parameters,
+            &scheme_rows,
+            &trained.rounds,
+            &threat_models,
+        ));
+        outcome.summary.extend(scheme_rows);
+        outcome.rounds.insert(id, trained.rounds);
+    }
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+/// The verdict on one scheme from its summary rows.
+fn judge(
+    id: &str,
+    parameters: &str,
+    rows: &[SummaryRow],
+    rounds: &[RoundRecord],
+    threat_models: &[crate::schemes::ThreatModel],
+) -> SchemeVerdict {
+    let attacked: Vec<&SummaryRow> = rows.iter().filter(|r| r.psnr_db_mean.is_some()).collect();
+    let leaking: Vec<&SummaryRow> = attacked
+        .iter()
+        .copied()
+        .filter(|r| r.verdict == "leaks")
+        .collect();
+    let best =
+        |f: fn(&SummaryRow) -> Option<f64>| attacked.iter().filter_map(|r| f(r)).reduce(f64::max);
+    let (verdict, reason) = if let Some(worst) = leaking.iter().max_by(|a, b| {
+        a.psnr_db_max
+            .partial_cmp(&b.psnr_db_max)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    }) {
+        (
+            "leaks",
+            format!(
+                "{} recovers private images from the {} upload of round {} with {}: best {:.1} dB PSNR against a {:.1} dB mean-image baseline ({})",
+                worst.threat_model,
+                worst.party,
+                worst.round,
+                worst.attack,
+                worst.psnr_db_max.unwrap_or(f64::NAN),
+                worst.baseline_psnr_db.unwrap_or(f64::NAN),
+                worst.reason
+            ),
+        )
+    } else if !attacked.is_empty() {
+        (
+            "resists",
+            format!(
+                "{} attack runs, none beat the mean-image baseline by the margin with enough structure (best {:.1} dB PSNR)",
+                attacked.len(),
+                best(|r| r.psnr_db_max).unwrap_or(f64::NAN)
+            ),
+        )
+    } else {
+        let reasons: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{}: {}", r.threat_model, r.reason))
+            .collect();
+        ("not_attacked", reasons.join("; "))
+    };
+    let count = rounds.len().max(1) as f64;
+    SchemeVerdict {
+        scheme: id.into(),
+        scheme_parameters: parameters.into(),
+        verdict: verdict.into(),
+        reason,
+        psnr_db_max: best(|r| r.psnr_db_max),
+        ssim_max: best(|r| r.ssim_mean),
+        nmi_max: best(|r| r.nmi_mean),
+        final_test_accuracy: rounds.last().map(|r| r.test_accuracy).unwrap_or(0.0),
+        upload_bytes_per_client_round: rounds
+            .iter()
+            .map(|r| {
+                r.upload_bytes.iter().sum::<usize>() as f64 / r.upload_bytes.len().max(1) as f64
+            })
+            .sum::<f64>()
+            / count,
+        download_bytes_per_client_round: rounds
+            .iter()
+            .map(|r| r.download_bytes_per_client as f64)
+            .sum::<f64>()
+            / count,
+        round_seconds: rounds.iter().map(|r| r.round_seconds).sum::<f64>() / count,
+        threat_models: threat_models
+            .iter()
+            .map(|t| (t.id.clone(), t.description.clone()))
+            .collect(),
+        accuracy_by_round: rounds.iter().map(|r| r.test_accuracy).collect(),
+    }
+}

@@ -1,0 +1,253 @@
+//! `fedleak audit` end to end: the outputs and their structure, verdicts that follow from real attacks,
+//! determinism, and bad configurations.
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use util::{assert_bad_input, fedleak, stdout};
+
+/// A small but complete audit: every scheme, both attacks, the nano model, two rounds.
+const SMALL_AUDIT: &str = r#"
+data = "fixture:ihc-tiles-32"
+model = "vit-nano-32"
+seed = 7
+
+[fl]
+clients = 3
+rounds = 2
+algorithm = "fedsgd"
+batch_size = 1
+lr = 0.05
+capture_rounds = [1, 2]
+
+[attack]
+kinds = ["april", "ig"]
+clients = [0]
+iterations = 20
+restarts = 1
+
+[[schemes]]
+id = "none"
+
+[[schemes]]
+id = "dp"
+clip_norm = 1.0
+noise_multiplier = 1.0
+
+[[schemes]]
+id = "prune"
+keep_fraction = 0.1
+
+[[schemes]]
+id = "glwe"
+
+[[schemes]]
+id = "paillier"
+key_bits = 2048
+fraction_bits = 24
+max_abs = 16.0
+max_total_samples = 4096
+"#;
+
+fn run_audit(dir: &Path, config: &str, out: &str) -> std::process::Output {
+    let path = dir.join(format!("{out}.toml"));
+    std::fs::write(&path, config).unwrap();
+    fedleak(
+        dir,
+        &["audit", "--config", path.to_str().unwrap(), "--out", out],
+    )
+}
+
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let mut reader = csv::Reader::from_path(path).unwrap();
+    let header = reader.headers().unwrap().iter().map(String::from).collect();
+    let rows = reader
+        .records()
+        .map(|r| r.unwrap().iter().map(String::from).collect())
+        .collect();
+    (header, rows)
+}
+
+#[test]
+fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run_audit(tmp.path(), SMALL_AUDIT, "audit");
+    assert!(out.status.success(), "{}", util::stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let dir = tmp.path().join("audit");
+    for file in ["results.csv", "summary.csv", "audit.json", "report.html"] {
+        assert!(dir.join(file).is_file(), "{file} missing");
+    }
+
+    let (header, rows) = read_csv(&dir.join("summary.csv"));
+    for column in [
+        "scheme",
+        "attack",
+        "threat_model",
+        "round",
+        "batch_size",
+        "psnr_db_mean",
+        "psnr_db_max",
+        "ssim_mean",
+        "nmi_mean",
+        "label_accuracy",
+        "test_accuracy",
+        "upload_bytes_per_client_round",
+        "download_bytes_per_client_round",
+        "round_seconds",
+        "attack_seconds",
+        "verdict",
+    ] {
+        assert!(
+            header.iter().any(|h| h == column),
+            "summary.csv lacks {column}"
+        );
+    }
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let schemes: BTreeSet<&str> = rows.iter().map(|r| r[col("scheme")].as_str()).collect();
+    assert_eq!(
+        schemes,
+        BTreeSet::from(["none", "dp", "prune", "glwe", "paillier"])
+    );
+
+    // Plain FedSGD at batch 1 with a learnable position embedding: the closed form is exact.
+    let april_plain = rows
+        .iter()
+        .find(|r| r[col("scheme")] == "none" && r[col("attack")] == "april")
+        .unwrap();
+    let psnr: f64 = april_plain[col("psnr_db_max")].parse().unwrap();
+    assert!(psnr > 60.0, "closed form on plain FedSGD gave {psnr} dB");
+    assert_eq!(april_plain[col("verdict")], "leaks");
+
+    // Secure aggregation: the eavesdropper sees ciphertext and is not attacked, with the parameters.
+    for scheme in ["glwe", "paillier"] {
+        let wire = rows
+            .iter()
+            .find(|r| r[col("scheme")] == scheme && r[col("threat_model")] == "eavesdropper")
+            .unwrap();
+        assert_eq!(wire[col("verdict")], "not_attacked");
+        assert!(wire[col("reason")].contains("ciphertext"));
+        // The server only sees the aggregate of 3 clients, never one client's upload.
+        assert!(rows
+            .iter()
+            .filter(|r| r[col("scheme")] == scheme && r[col("threat_model")] == "server")
+            .all(|r| r[col("party")] == "aggregate" && r[col("batch_size")] == "3"));
+    }
+    let upload = |scheme: &str| -> f64 {
+        rows.iter().find(|r| r[col("scheme")] == scheme).unwrap()
+            [col("upload_bytes_per_client_round")]
+        .parse()
+        .unwrap()
+    };
+    assert!(upload("prune") < upload("none"));
+    assert!(upload("glwe") > upload("none"));
+    assert!(upload("paillier") > upload("none"));
+
+    // The stdout JSON names a verdict per scheme.
+    assert_eq!(json["verdicts"].as_array().unwrap().len(), 5);
+
+    // report.html: one summary row per scheme, every image inline and also on disk.
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert_eq!(html.matches("<tr class=\"scheme-row\">").count(), 5);
+    assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
+    let images: Vec<&str> = html.split("data-file=\"").skip(1).collect();
+    assert!(!images.is_empty(), "the report shows no reconstruction");
+    for tail in images {
+        let file = &tail[..tail.find('"').unwrap()];
+        assert!(dir.join(file).is_file(), "{file} referenced but missing");
+    }
+    assert_eq!(
+        html.matches("src=\"data:image/png;base64,").count(),
+        html.matches("data-file=\"").count()
+    );
+    assert!(html.matches("<svg").count() >= 4);
+}
+
+#[test]
+fn same_seed_gives_identical_results_apart_from_timing() {
+    let config = SMALL_AUDIT
+        .split("[[schemes]]")
+        .take(3)
+        .collect::<Vec<_>>()
+        .join("[[schemes]]");
+    let tmp = tempfile::tempdir().unwrap();
+    for out in ["a", "b"] {
+        let run = run_audit(tmp.path(), &config, out);
+        assert!(run.status.success(), "{}", util::stderr(&run));
+    }
+    let strip = |out: &str| {
+        let (header, rows) = read_csv(&tmp.path().join(out).join("results.csv"));
+        let timing: Vec<usize> = header
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.ends_with("_seconds"))
+            .map(|(i, _)| i)
+            .collect();
+        assert!(!timing.is_empty());
+        rows.into_iter()
+            .map(|r| {
+                r.into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| !timing.contains(i))
+                    .map(|(_, v)| v)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (strip("a"), strip("b"));
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+}
+
+#[test]
+fn default_config_prints_and_parses_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedleak(tmp.path(), &["audit", "--print-default-config"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("[[schemes]]") && text.contains("id = \"paillier\""));
+    let parsed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(parsed["data"].as_str(), Some("fixture:ihc-tiles-32"));
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = SMALL_AUDIT.replace("lr = 0.05", "lr = 0.05\nlearning_rate = 0.1");
+    let out = run_audit(tmp.path(), &config, "bad");
+    assert_bad_input(&out, &["learning_rate", "bad.toml"]);
+}
+
+#[test]
+fn unknown_scheme_setting_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = SMALL_AUDIT.replace("keep_fraction = 0.1", "keep_fraction = 0.1\nkeep = 3");
+    let out = run_audit(tmp.path(), &config, "bad");
+    assert_bad_input(&out, &["keep"]);
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = SMALL_AUDIT.replace("rounds = 2", "rounds = \"two\"");
+    let out = run_audit(tmp.path(), &config, "bad");
+    assert_bad_input(&out, &["rounds", "line"]);
+}
+
+#[test]
+fn empty_scheme_list_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = SMALL_AUDIT.split("[[schemes]]").next().unwrap().to_string() + "schemes = []\n";
+    let out = run_audit(tmp.path(), &config, "bad");
+    assert_bad_input(&out, &["schemes"]);
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedleak(tmp.path(), &["audit", "--config", "nope.toml"]);
+    assert_bad_input(&out, &["nope.toml"]);
+}
