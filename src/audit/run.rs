@@ -107,6 +107,10 @@ pub struct SummaryRow {
     pub server_seconds: f64,
     /// Wall time of the attack.
     pub attack_seconds: Option<f64>,
+    /// Differential privacy spent up to this round (cumulative epsilon at `dp_delta`), for DP schemes.
+    pub dp_epsilon: Option<f64>,
+    /// The delta of `dp_epsilon`.
+    pub dp_delta: Option<f64>,
     /// `leaks`, `resists` or `not_attacked`.
     pub verdict: String,
     /// Why: the figures behind the verdict, or why no attack applies.
@@ -132,6 +136,10 @@ pub struct SchemeVerdict {
     pub nmi_max: Option<f64>,
     /// Test accuracy after the last round.
     pub final_test_accuracy: f64,
+    /// Differential privacy spent over the whole run (epsilon at `dp_delta`), for DP schemes.
+    pub dp_epsilon: Option<f64>,
+    /// The delta of `dp_epsilon`.
+    pub dp_delta: Option<f64>,
     /// Mean upload bytes per client per round over the run.
     pub upload_bytes_per_client_round: f64,
     /// Mean download bytes per client per round.
@@ -462,6 +470,9 @@ pub fn run_audit(
         )?;
         let parameters = scheme.parameters();
         let threat_models = scheme.threat_models();
+        let (sampling_rate, steps_per_round) = local_sampling(&config.fl, &trained.partition);
+        let guarantee =
+            |rounds: usize| scheme.dp_guarantee(rounds as u64, sampling_rate, steps_per_round);
         let mut scheme_rows: Vec<SummaryRow> = Vec::new();
         for capture in &collector.captures {
             let round = capture.meta.round;
@@ -488,6 +499,8 @@ pub fn run_audit(
                 encode_seconds: record.encode_seconds,
                 server_seconds: record.server_seconds,
                 attack_seconds: None,
+                dp_epsilon: guarantee(round).map(|g| g.0),
+                dp_delta: guarantee(round).map(|g| g.1),
                 verdict: "not_attacked".into(),
                 reason: String::new(),
             };
@@ -614,23 +627,49 @@ pub fn run_audit(
                     encode_seconds: last.map(|r| r.encode_seconds).unwrap_or(0.0),
                     server_seconds: last.map(|r| r.server_seconds).unwrap_or(0.0),
                     attack_seconds: None,
+                    dp_epsilon: None,
+                    dp_delta: None,
                     verdict: "not_attacked".into(),
                     reason: format!("not attacked: ciphertext under {security}"),
                 });
             }
         }
-        outcome.verdicts.push(judge(
+        let mut verdict = judge(
             &id,
             &parameters,
             &scheme_rows,
             &trained.rounds,
             &threat_models,
-        ));
+        );
+        if let Some((epsilon, delta)) = guarantee(config.fl.rounds) {
+            verdict.dp_epsilon = Some(epsilon);
+            verdict.dp_delta = Some(delta);
+        }
+        outcome.verdicts.push(verdict);
         outcome.summary.extend(scheme_rows);
         outcome.rounds.insert(id, trained.rounds);
     }
     outcome.seconds = started.elapsed().as_secs_f64();
     Ok(outcome)
+}
+
+/// A client's sampling rate (batch over local data; the smallest client, the worst case) and local
+/// steps per round, for the DP accountant.
+fn local_sampling(fl: &crate::fl::FlConfig, partition: &crate::data::Partition) -> (f64, u64) {
+    let smallest = partition
+        .clients
+        .iter()
+        .map(Vec::len)
+        .min()
+        .unwrap_or(1)
+        .max(1);
+    let batch = fl.batch_size.min(smallest);
+    let steps = match (fl.algorithm, fl.local_work()) {
+        (crate::fl::Algorithm::Fedsgd, _) => 1,
+        (_, crate::fl::LocalWork::Steps(s)) => s,
+        (_, crate::fl::LocalWork::Epochs(e)) => e * smallest.div_ceil(batch),
+    };
+    (batch as f64 / smallest as f64, steps as u64)
 }
 
 /// The verdict on one scheme from its summary rows.
@@ -693,6 +732,8 @@ fn judge(
         ssim_max: best(|r| r.ssim_mean),
         nmi_max: best(|r| r.nmi_mean),
         final_test_accuracy: rounds.last().map(|r| r.test_accuracy).unwrap_or(0.0),
+        dp_epsilon: None,
+        dp_delta: None,
         upload_bytes_per_client_round: rounds
             .iter()
             .map(|r| {

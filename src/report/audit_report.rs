@@ -134,6 +134,10 @@ fn render_html(
                 "ssim": fmt_opt(v.ssim_max, 3),
                 "nmi": fmt_opt(v.nmi_max, 3),
                 "accuracy": format!("{:.1} %", v.final_test_accuracy * 100.0),
+                "epsilon": match (v.dp_epsilon, v.dp_delta) {
+                    (Some(e), Some(d)) => format!("{e:.2} (δ={d:e})"),
+                    _ => "–".into(),
+                },
                 "upload": fmt_bytes(v.upload_bytes_per_client_round),
                 "download": fmt_bytes(v.download_bytes_per_client_round),
                 "seconds": format!("{:.2}", v.round_seconds),

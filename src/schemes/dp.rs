@@ -336,6 +336,16 @@ impl Scheme for DpScheme {
             view: View::ClientUpdates,
         }]
     }
+
+    fn dp_guarantee(
+        &self,
+        rounds: u64,
+        sampling_rate: f64,
+        steps_per_round: u64,
+    ) -> Option<(f64, f64)> {
+        self.privacy_spent(rounds, sampling_rate, steps_per_round, self.delta)
+            .map(|(epsilon, _order)| (epsilon, self.delta))
+    }
 }
 
 #[cfg(test)]

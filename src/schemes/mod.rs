@@ -10,6 +10,7 @@
 //!
 //! One file per scheme; [`build_scheme`] is the registry.
 
+pub mod cls_token_he;
 mod dp;
 mod glwe_secagg;
 mod none;
@@ -130,6 +131,18 @@ pub trait Scheme {
 
     /// Every party worth auditing and what it sees.
     fn threat_models(&self) -> Vec<ThreatModel>;
+
+    /// The differential-privacy guarantee `(epsilon, delta)` after `rounds` rounds, for schemes that
+    /// give one (`None` otherwise). `sampling_rate` is a client's batch size over its local data and
+    /// `steps_per_round` its local steps per round.
+    fn dp_guarantee(
+        &self,
+        _rounds: u64,
+        _sampling_rate: f64,
+        _steps_per_round: u64,
+    ) -> Option<(f64, f64)> {
+        None
+    }
 }
 
 /// A scheme as written in a config file: `id` plus its settings.
