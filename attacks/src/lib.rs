@@ -12,6 +12,7 @@
 
 mod april;
 mod error;
+mod feature_inversion;
 mod idlg;
 mod inverting_gradients;
 mod label_counts;
@@ -22,6 +23,9 @@ mod reconstruction;
 
 pub use april::{invert_patch_embedding, reconstruct_april, PatchInversion};
 pub use error::{AttackError, Result};
+pub use feature_inversion::{
+    invert_features, random_images, FeatureInversionConfig, FeatureLoss, FeatureMatcher,
+};
 pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, LabelRecovery};
 pub use inverting_gradients::{
     invert_gradients, total_variation, GradientMatcher, InputGradient, InvertingGradientsConfig,

@@ -57,6 +57,15 @@ pub trait TargetModel {
 
     /// The final linear classifier's layout.
     fn classifier(&self) -> ClassifierLayout;
+
+    /// The features the classifier reads (B x D; for a ViT, the CLS token after the final layer norm)
+    /// of images (B x C x H x W) under the given parameters, differentiable with respect to the images.
+    /// `Ok(None)` (the default) when the model does not expose them: feature inversion then reports
+    /// itself not applicable.
+    fn features(&self, params: &ParamMap, images: &Tensor) -> Result<Option<Tensor>> {
+        let _ = (params, images);
+        Ok(None)
+    }
 }
 
 /// One-hot rows (B x classes) for integer labels: the targets of the clients' cross-entropy, shared by

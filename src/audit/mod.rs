@@ -6,6 +6,7 @@
 mod config;
 mod observe;
 mod run;
+pub mod sweep;
 
 pub use config::{AttackKind, AttackSettings, AuditConfig, VerdictThresholds, DEFAULT_AUDIT_TOML};
 pub use observe::{observation_of, private_images, PrivateImages};

@@ -4,6 +4,8 @@ mod attack;
 mod audit;
 mod bench;
 mod metrics;
+mod report;
+mod sweep;
 mod train;
 
 use std::io::IsTerminal;
@@ -69,6 +71,10 @@ pub enum Command {
     Metrics(metrics::MetricsArgs),
     /// Time a model step (ms per step, median) in the output format of the PyTorch reference.
     Bench(bench::BenchArgs),
+    /// Sweep audit settings over a grid (`[sweep]` table), shardable and resumable; merges the runs.
+    Sweep(sweep::SweepArgs),
+    /// Merge the runs of sweep outputs (`--merge DIR...`, e.g. shards) into one set of tables and a report.
+    Report(report::ReportArgs),
 }
 
 /// Runs the parsed command.
@@ -79,6 +85,8 @@ pub fn run(args: Args) -> Result<()> {
         Command::Attack(a) => attack::run(&args.global, a),
         Command::Metrics(a) => metrics::run(a),
         Command::Bench(a) => bench::run(&args.global, a),
+        Command::Sweep(a) => sweep::run(&args.global, a),
+        Command::Report(a) => report::run(a),
     }
 }
 

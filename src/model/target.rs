@@ -99,4 +99,12 @@ impl TargetModel for VitTarget {
             bias: "classifier.bias".into(),
         }
     }
+
+    fn features(
+        &self,
+        params: &ParamMap,
+        images: &Tensor,
+    ) -> fedleak_attacks::Result<Option<Tensor>> {
+        Ok(Some(self.model(params)?.cls_features(images)?))
+    }
 }

@@ -91,7 +91,15 @@ impl Chart {
     pub fn to_svg(&self) -> String {
         let (width, height) = (640.0, 360.0);
         let (left, right, top, bottom) = (70.0, 170.0, 40.0, 50.0);
-        let tx = |x: f64| if self.log_x { x.max(1e-300).log10() } else { x };
+        let tx = |x: f64| {
+            if self.log_x && x > 0.0 {
+                x.log10()
+            } else if self.log_x {
+                f64::NAN
+            } else {
+                x
+            }
+        };
         let points: Vec<(f64, f64)> = self
             .series
             .iter()
