@@ -44,6 +44,12 @@ keep_fraction = 0.1
 id = "glwe"
 
 [[schemes]]
+id = "cls_token_he"
+per_image = 1
+iterations = 30
+restarts = 1
+
+[[schemes]]
 id = "paillier"
 key_bits = 2048
 fraction_bits = 24
@@ -109,7 +115,7 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
     let schemes: BTreeSet<&str> = rows.iter().map(|r| r[col("scheme")].as_str()).collect();
     assert_eq!(
         schemes,
-        BTreeSet::from(["none", "dp", "prune", "glwe", "paillier"])
+        BTreeSet::from(["none", "dp", "prune", "glwe", "cls_token_he", "paillier"])
     );
 
     // Plain FedSGD at batch 1 with a learnable position embedding: the closed form is exact.
@@ -122,13 +128,20 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
     assert_eq!(april_plain[col("verdict")], "leaks");
 
     // Secure aggregation: the eavesdropper sees ciphertext and is not attacked, with the parameters.
-    for scheme in ["glwe", "paillier"] {
+    for (scheme, wire_party) in [
+        ("glwe", "eavesdropper"),
+        ("paillier", "eavesdropper"),
+        ("cls_token_he", "server"),
+    ] {
         let wire = rows
             .iter()
-            .find(|r| r[col("scheme")] == scheme && r[col("threat_model")] == "eavesdropper")
+            .find(|r| r[col("scheme")] == scheme && r[col("threat_model")] == wire_party)
             .unwrap();
         assert_eq!(wire[col("verdict")], "not_attacked");
         assert!(wire[col("reason")].contains("ciphertext"));
+        if scheme == "cls_token_he" {
+            continue;
+        }
         // The server only sees the aggregate of 3 clients, never one client's upload.
         assert!(rows
             .iter()
@@ -146,12 +159,22 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
     assert!(upload("paillier") > upload("none"));
 
     // The stdout JSON names a verdict per scheme.
-    assert_eq!(json["verdicts"].as_array().unwrap().len(), 5);
+    assert_eq!(json["verdicts"].as_array().unwrap().len(), 6);
+    // CLS-token HE: the key holder's feature inversion is run and scored, per image and class mean.
+    for party in ["per_image", "class_mean"] {
+        let row = rows
+            .iter()
+            .find(|r| r[col("scheme")] == "cls_token_he" && r[col("party")] == party)
+            .unwrap();
+        assert_eq!(row[col("attack")], "feature_inversion");
+        assert!(row[col("psnr_db_mean")].parse::<f64>().unwrap() > 0.0);
+    }
+    assert!(upload("cls_token_he") < upload("glwe"));
 
     // report.html: one summary row per scheme, every image inline and also on disk.
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
-    assert_eq!(html.matches("<tr class=\"scheme-row\">").count(), 5);
+    assert_eq!(html.matches("<tr class=\"scheme-row\">").count(), 6);
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
     let images: Vec<&str> = html.split("data-file=\"").skip(1).collect();
     assert!(!images.is_empty(), "the report shows no reconstruction");

@@ -16,8 +16,10 @@ use super::observe::observation_of;
 use crate::data::{load_data, DataSpec, DataSplits};
 use crate::fl::{run_federated, Capture, FlObserver, RoundRecord};
 use crate::model::{init_parameters, load_checkpoint, Checkpoint, ModelPreset, VitTarget};
-use crate::schemes::{build_scheme, View};
+use crate::schemes::cls_token_he::{run_cls_token_audit, ClsTokenOutcome, ClsTokenSettings};
+use crate::schemes::{build_scheme, SchemeConfig, View};
 use crate::Result;
+use fedleak_attacks::FeatureInversionConfig;
 
 /// Receives progress messages while an audit runs; the library never prints.
 pub trait AuditProgress {
@@ -447,7 +449,43 @@ pub fn run_audit(
         model_parameters,
         seconds: 0.0,
     };
+    let mut federated_model: Option<Checkpoint> = None;
     for scheme_config in &config.schemes {
+        if let SchemeConfig::ClsTokenHe {
+            per_image,
+            iterations,
+            restarts,
+        } = scheme_config
+        {
+            let backbone = federated_model.as_ref().unwrap_or(&initial);
+            progress
+                .step("CLS-token HE: encrypted prototypes, encrypted inference, feature inversion");
+            let settings = ClsTokenSettings {
+                per_image: *per_image,
+                inversion: FeatureInversionConfig {
+                    iterations: *iterations,
+                    restarts: *restarts,
+                    seed: config.seed,
+                    ..FeatureInversionConfig::default()
+                },
+                seed: config.seed,
+                ..ClsTokenSettings::default()
+            };
+            let partition = crate::data::partition_labels(
+                &data.train.labels,
+                config.fl.clients,
+                config.fl.partition,
+                config.seed,
+            )?;
+            let cls = run_cls_token_audit(backbone, &data, &partition, &settings, device)?;
+            let trained_note = if federated_model.is_some() {
+                "the federated model of the `none` run"
+            } else {
+                "the initial model"
+            };
+            audit_cls_token(&cls, trained_note, config, &mut outcome)?;
+            continue;
+        }
         let mut scheme = build_scheme(scheme_config, config.seed)?;
         let id = scheme.id().to_string();
         progress.step(&format!(
@@ -647,6 +685,9 @@ pub fn run_audit(
         }
         outcome.verdicts.push(verdict);
         outcome.summary.extend(scheme_rows);
+        if id == "none" {
+            federated_model = Some(trained.global.clone());
+        }
         outcome.rounds.insert(id, trained.rounds);
     }
     outcome.seconds = started.elapsed().as_secs_f64();
@@ -753,4 +794,153 @@ fn judge(
             .collect(),
         accuracy_by_round: rounds.iter().map(|r| r.test_accuracy).collect(),
     }
+}
+
+/// Turns the CLS-token HE protocol's outcome into summary rows, image rows, figures and a verdict.
+fn audit_cls_token(
+    cls: &ClsTokenOutcome,
+    backbone: &str,
+    config: &AuditConfig,
+    outcome: &mut AuditOutcome,
+) -> Result<()> {
+    let id = "cls_token_he".to_string();
+    let bytes = &cls.bytes;
+    let parameters = format!(
+        "backbone: {backbone}; {} class prototypes of width {} in {} GLWE ciphertext(s); nearest class mean; plain {:.1} % vs encrypted {:.1} %; encrypted inference max logit error {:.1e}; CKKS size model {} B",
+        cls.classes,
+        cls.feature_width,
+        bytes.cls_ciphertexts,
+        cls.accuracy_plain * 100.0,
+        cls.accuracy_decrypted * 100.0,
+        cls.inference.max_error_quantised,
+        bytes.ckks_cls.1
+    );
+    let seconds = &cls.seconds;
+    let round = RoundRecord {
+        round: 1,
+        test_accuracy: cls.accuracy_decrypted,
+        train_loss: 0.0,
+        upload_bytes: vec![bytes.cls_upload; cls.clients],
+        download_bytes_per_client: bytes.cls_download,
+        encode_seconds: seconds.encrypt_per_client,
+        server_seconds: seconds.aggregate,
+        decode_seconds: seconds.decrypt,
+        round_seconds: seconds.features_per_client
+            + seconds.encrypt_per_client
+            + seconds.aggregate
+            + seconds.decrypt,
+    };
+    let base_row = SummaryRow {
+        scheme: id.clone(),
+        scheme_parameters: parameters.clone(),
+        attack: "-".into(),
+        threat_model: String::new(),
+        round: 1,
+        party: String::new(),
+        batch_size: 0,
+        psnr_db_mean: None,
+        psnr_db_max: None,
+        ssim_mean: None,
+        nmi_mean: None,
+        label_accuracy: None,
+        baseline_psnr_db: None,
+        test_accuracy: cls.accuracy_decrypted,
+        upload_bytes_per_client_round: bytes.cls_upload,
+        download_bytes_per_client_round: bytes.cls_download,
+        round_seconds: round.round_seconds,
+        encode_seconds: seconds.encrypt_per_client,
+        server_seconds: seconds.aggregate,
+        attack_seconds: None,
+        dp_epsilon: None,
+        dp_delta: None,
+        verdict: "not_attacked".into(),
+        reason: String::new(),
+    };
+    let mut rows = vec![SummaryRow {
+        threat_model: "server".into(),
+        party: "wire".into(),
+        reason: format!("not attacked: ciphertext under {}", cls.security),
+        ..base_row.clone()
+    }];
+    for case in &cls.inversions {
+        let mut images = Vec::new();
+        for (i, (score, base)) in case.scores.iter().zip(&case.baseline_scores).enumerate() {
+            images.push(ImageRow {
+                scheme: id.clone(),
+                threat_model: case.threat.clone(),
+                attack: "feature_inversion".into(),
+                round: 1,
+                party: case.case.into(),
+                image: i,
+                private_index: i,
+                psnr_db: score.psnr_db,
+                ssim: score.ssim,
+                nmi: score.nmi,
+                baseline_psnr_db: base.psnr_db,
+                baseline_ssim: base.ssim,
+                leaked: score.psnr_db >= base.psnr_db + config.verdict.psnr_margin_db
+                    && score.ssim >= config.verdict.ssim_min,
+                label: None,
+                true_label: case.labels.get(i).copied().unwrap_or(0),
+                label_correct: None,
+                attack_seconds: case.seconds,
+            });
+        }
+        let psnr: Vec<f64> = images.iter().map(|r| r.psnr_db).collect();
+        let ssim: Vec<f64> = images.iter().map(|r| r.ssim).collect();
+        let nmi: Vec<f64> = images.iter().map(|r| r.nmi).collect();
+        let base: Vec<f64> = images.iter().map(|r| r.baseline_psnr_db).collect();
+        let leaked = images.iter().filter(|r| r.leaked).count();
+        let recovery = case
+            .feature_recovery_error
+            .map(|e| format!("; the CLS vector was first recovered exactly from the head gradient (max error {e:.1e})"))
+            .unwrap_or_default();
+        rows.push(SummaryRow {
+            threat_model: case.threat.clone(),
+            attack: "feature_inversion".into(),
+            party: case.case.into(),
+            batch_size: images.len(),
+            psnr_db_mean: mean(&psnr),
+            psnr_db_max: psnr.iter().copied().reduce(f64::max),
+            ssim_mean: mean(&ssim),
+            nmi_mean: mean(&nmi),
+            baseline_psnr_db: mean(&base),
+            attack_seconds: Some(case.seconds),
+            verdict: if leaked > 0 { "leaks" } else { "resists" }.into(),
+            reason: format!(
+                "{leaked} of {} images beat the mean-image baseline by >= {} dB with SSIM >= {}{recovery}",
+                images.len(),
+                config.verdict.psnr_margin_db,
+                config.verdict.ssim_min
+            ),
+            ..base_row.clone()
+        });
+        let shown = images.len().min(8);
+        if shown > 0 {
+            outcome.figures.push(Figure {
+                file: format!("{id}-{}-{}-feature_inversion.png", case.threat, case.case),
+                caption: format!(
+                    "{id}: {} inverts {} CLS features (top: private, bottom: reconstruction)",
+                    case.threat,
+                    case.case.replace('_', " ")
+                ),
+                rows: vec![
+                    case.references.narrow(0, 0, shown)?,
+                    case.reconstructions.narrow(0, 0, shown)?,
+                ],
+            });
+        }
+        outcome.images.extend(images);
+    }
+    let verdict = judge(
+        &id,
+        &parameters,
+        &rows,
+        std::slice::from_ref(&round),
+        &cls.threat_models,
+    );
+    outcome.verdicts.push(verdict);
+    outcome.summary.extend(rows);
+    outcome.rounds.insert(id, vec![round]);
+    Ok(())
 }

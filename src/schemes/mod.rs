@@ -190,6 +190,20 @@ pub enum SchemeConfig {
         #[serde(default = "paillier_secagg::default_max_total_samples")]
         max_total_samples: u64,
     },
+    /// CLS-token HE (the CLS-token paper): clients send encrypted per-class CLS-feature sums instead of
+    /// gradients; run by the audit with its own protocol ([`cls_token_he::run_cls_token_audit`]), not as a
+    /// gradient scheme.
+    ClsTokenHe {
+        /// Images per client whose CLS feature the per-image attack inverts.
+        #[serde(default = "default_cls_per_image")]
+        per_image: usize,
+        /// Feature-inversion iterations per restart.
+        #[serde(default = "default_cls_iterations")]
+        iterations: usize,
+        /// Feature-inversion restarts (the best by feature loss is kept).
+        #[serde(default = "default_cls_restarts")]
+        restarts: usize,
+    },
     /// Gradient pruning: keep the largest entries of every tensor (see [`PruneScheme`]).
     Prune {
         /// Fraction of each tensor's entries kept, in (0, 1]; default 0.1.
@@ -209,9 +223,22 @@ impl SchemeConfig {
             SchemeConfig::Dp { .. } => "dp",
             SchemeConfig::Prune { .. } => "prune",
             SchemeConfig::Glwe { .. } => "glwe",
+            SchemeConfig::ClsTokenHe { .. } => "cls_token_he",
             SchemeConfig::Paillier { .. } => "paillier",
         }
     }
+}
+
+fn default_cls_per_image() -> usize {
+    2
+}
+
+fn default_cls_iterations() -> usize {
+    300
+}
+
+fn default_cls_restarts() -> usize {
+    2
 }
 
 /// Builds the scheme a config names (the registry: one line per scheme).
@@ -232,6 +259,14 @@ pub fn build_scheme(config: &SchemeConfig, seed: u64) -> Result<Box<dyn Scheme>>
             max_abs,
             max_samples,
         } => Box::new(GlweScheme::new(*max_abs, *max_samples, seed)?),
+        SchemeConfig::ClsTokenHe { .. } => return Err(crate::Error::InvalidSetting {
+            key: "schemes.id".into(),
+            reason:
+                "`cls_token_he` exchanges features, not gradients, so it is not a training scheme"
+                    .into(),
+            hint: "list it under `[[schemes]]` of `fedleak audit`, which runs its own protocol"
+                .into(),
+        }),
         SchemeConfig::Paillier {
             key_bits,
             max_abs,
