@@ -69,8 +69,11 @@ struct Progress(ProgressBar);
 
 impl AuditProgress for Progress {
     fn step(&mut self, message: &str) {
-        tracing::info!("{message}");
-        self.0.set_message(message.to_string());
+        if self.0.is_hidden() {
+            tracing::info!("{message}");
+        } else {
+            self.0.set_message(message.to_string());
+        }
     }
 }
 

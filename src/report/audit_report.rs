@@ -243,7 +243,7 @@ fn render_html(
         "model_parameters": outcome.model_parameters,
         "clients": config.fl.clients,
         "rounds": config.fl.rounds,
-        "algorithm": format!("{:?}", config.fl.algorithm),
+        "algorithm": serde_json::to_value(config.fl.algorithm).unwrap_or_default(),
         "batch_size": config.fl.batch_size,
         "psnr_margin_db": config.verdict.psnr_margin_db,
         "ssim_min": config.verdict.ssim_min,
