@@ -14,6 +14,11 @@ data = "fixture:ihc-tiles-32"
 model = "vit-nano-32"
 seed = 7
 
+[warmup]
+rounds = 1
+algorithm = "fedavg"
+local_steps = 2
+
 [fl]
 clients = 3
 rounds = 2
@@ -160,6 +165,9 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
 
     // The stdout JSON names a verdict per scheme.
     assert_eq!(json["verdicts"].as_array().unwrap().len(), 6);
+    let audit: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("audit.json")).unwrap()).unwrap();
+    assert!(audit["warmup_test_accuracy"].as_f64().is_some());
     // CLS-token HE: the key holder's feature inversion is run and scored, per image and class mean.
     for party in ["per_image", "class_mean"] {
         let row = rows

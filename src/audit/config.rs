@@ -92,7 +92,12 @@ pub struct AuditConfig {
     /// Seed of every random choice.
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// The federated run every scheme is trained with.
+    /// Optional plain federated pre-training (no scheme, nothing captured) before the audited rounds, so
+    /// the audit looks at a deployment mid-training rather than at a random initialisation. Its
+    /// `capture_rounds` are ignored.
+    #[serde(default)]
+    pub warmup: Option<FlConfig>,
+    /// The federated run every scheme is trained with (after the warm-up).
     #[serde(default)]
     pub fl: FlConfig,
     /// The protection schemes to compare (`none` is the baseline).

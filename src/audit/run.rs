@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::config::{AttackKind, AuditConfig};
 use super::observe::observation_of;
 use crate::data::{load_data, DataSpec, DataSplits};
-use crate::fl::{run_federated, Capture, FlObserver, RoundRecord};
+use crate::fl::{run_federated, Capture, FlConfig, FlObserver, RoundRecord};
 use crate::model::{init_parameters, load_checkpoint, Checkpoint, ModelPreset, VitTarget};
 use crate::schemes::cls_token_he::{run_cls_token_audit, ClsTokenOutcome, ClsTokenSettings};
 use crate::schemes::{build_scheme, SchemeConfig, View};
@@ -178,8 +178,10 @@ pub struct AuditOutcome {
     pub figures: Vec<Figure>,
     /// The round records of every scheme's training, by scheme id.
     pub rounds: BTreeMap<String, Vec<RoundRecord>>,
-    /// The model configuration name (preset or checkpoint path) and its parameter count.
+    /// The model's parameter count.
     pub model_parameters: usize,
+    /// Test accuracy after the plain warm-up, when the audit has one.
+    pub warmup_test_accuracy: Option<f64>,
     /// Wall time of the whole audit.
     pub seconds: f64,
 }
@@ -437,7 +439,33 @@ pub fn run_audit(
     let spec = DataSpec::parse(&config.data)?;
     progress.step(&format!("loading {}", config.data));
     let data = load_data(&spec, input_shape(config, device)?, config.seed)?;
-    let initial = initial_model(config, &data, device)?;
+    let mut initial = initial_model(config, &data, device)?;
+    let mut warmup_accuracy = None;
+    if let Some(warmup) = &config.warmup {
+        let warmup = FlConfig {
+            capture_rounds: Vec::new(),
+            ..warmup.clone()
+        };
+        progress.step(&format!(
+            "warm-up: {} rounds of plain federated training",
+            warmup.rounds
+        ));
+        let trained = run_federated(
+            &warmup,
+            &initial,
+            &data,
+            &spec.to_string(),
+            config.seed,
+            &mut crate::schemes::PlainScheme,
+            &mut Collector {
+                wanted_clients: &[],
+                captures: Vec::new(),
+                rounds: Vec::new(),
+            },
+        )?;
+        warmup_accuracy = trained.rounds.last().map(|r| r.test_accuracy);
+        initial = trained.global;
+    }
     let model_parameters = initial.tensors.values().map(Tensor::elem_count).sum();
     let baseline = mean_image(&data);
     let mut outcome = AuditOutcome {
@@ -447,6 +475,7 @@ pub fn run_audit(
         figures: Vec::new(),
         rounds: BTreeMap::new(),
         model_parameters,
+        warmup_test_accuracy: warmup_accuracy,
         seconds: 0.0,
     };
     let mut federated_model: Option<Checkpoint> = None;

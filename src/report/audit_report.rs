@@ -103,6 +103,7 @@ pub fn write_audit_report(
         "seed": config.seed,
         "config": config,
         "model_parameters": outcome.model_parameters,
+        "warmup_test_accuracy": outcome.warmup_test_accuracy,
         "verdicts": outcome.verdicts,
         "summary": outcome.summary,
         "rounds": outcome.rounds,
@@ -245,6 +246,12 @@ fn render_html(
         "rounds": config.fl.rounds,
         "algorithm": serde_json::to_value(config.fl.algorithm).unwrap_or_default(),
         "batch_size": config.fl.batch_size,
+        "warmup": config.warmup.as_ref().map(|w| format!(
+            "{} rounds of plain {} ({} accuracy after it)",
+            w.rounds,
+            serde_json::to_value(w.algorithm).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            fmt_opt(outcome.warmup_test_accuracy.map(|a| a * 100.0), 1) + " %"
+        )),
         "psnr_margin_db": config.verdict.psnr_margin_db,
         "ssim_min": config.verdict.ssim_min,
         "baseline_psnr": fmt_opt((!baseline.is_empty()).then(|| baseline.iter().sum::<f64>() / baseline.len() as f64), 1),
