@@ -26,7 +26,7 @@ pub struct AuditArgs {
 }
 
 /// A UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, Howard Hinnant's algorithm).
-fn utc_timestamp(now: SystemTime) -> String {
+pub(super) fn utc_timestamp(now: SystemTime) -> String {
     let secs = now
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -49,7 +49,8 @@ fn utc_timestamp(now: SystemTime) -> String {
     )
 }
 
-fn git_revision() -> String {
+/// The git revision fedleak was built from (`FEDLEAK_GIT_REVISION`, else `git rev-parse`), or `unknown`.
+pub(super) fn git_revision() -> String {
     option_env!("FEDLEAK_GIT_REVISION")
         .map(str::to_string)
         .or_else(|| {

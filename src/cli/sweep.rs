@@ -3,7 +3,7 @@
 //! finished runs into `results.csv`, `summary.csv` and `report.html`.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use anyhow::Result;
 use fedleak::audit::sweep::{
@@ -12,6 +12,7 @@ use fedleak::audit::sweep::{
 use fedleak::audit::AuditProgress;
 use fedleak::report::RunMetadata;
 
+use super::audit::{git_revision, utc_timestamp};
 use super::{select_device, GlobalArgs, UsageError};
 
 /// Arguments of `fedleak sweep`.
@@ -31,46 +32,6 @@ pub struct SweepArgs {
     /// Skip the runs already finished in `--out` (after a crash, a kill or a time limit).
     #[arg(long)]
     pub resume: bool,
-}
-
-/// A UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, Howard Hinnant's algorithm).
-fn utc_timestamp(now: SystemTime) -> String {
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-fn git_revision() -> String {
-    option_env!("FEDLEAK_GIT_REVISION")
-        .map(str::to_string)
-        .or_else(|| {
-            let out = std::process::Command::new("git")
-                .args(["rev-parse", "--short=12", "HEAD"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .output()
-                .ok()?;
-            out.status
-                .success()
-                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// What the reports record about this process (version, revision, machine, start time).

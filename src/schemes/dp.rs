@@ -13,13 +13,14 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    weighted_mean, Aggregate, LocalTraining, NamedTensors, Scheme, ThreatModel, Upload, View,
+    aggregate_readable, read_plain, Aggregate, LocalTraining, NamedTensors, Scheme, ThreatModel,
+    Upload, View,
 };
 use crate::accountant::epsilon_for;
 use crate::fl::Transmission;
@@ -287,12 +288,7 @@ impl Scheme for DpScheme {
         upload: &Transmission,
         template: &NamedTensors,
     ) -> Result<Option<NamedTensors>> {
-        let device = template
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu);
-        Ok(Some(upload.decode_plain("a client upload", &device)?))
+        Ok(Some(read_plain(upload, template)?))
     }
 
     fn aggregate(
@@ -300,23 +296,7 @@ impl Scheme for DpScheme {
         weighted: &[(usize, &Upload)],
         template: &NamedTensors,
     ) -> Result<Aggregate> {
-        let started = Instant::now();
-        let decoded = weighted
-            .iter()
-            .map(|(samples, upload)| {
-                let update = self
-                    .server_reads(&upload.transmission, template)?
-                    .unwrap_or_default();
-                Ok((*samples, update))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mean_update = weighted_mean(&decoded, template)?;
-        Ok(Aggregate {
-            download_bytes_per_client: Transmission::plain(template, None)?.len(),
-            mean_update,
-            server_seconds: started.elapsed().as_secs_f64(),
-            decode_seconds: 0.0,
-        })
+        aggregate_readable(self, weighted, template)
     }
 
     fn threat_models(&self) -> Vec<ThreatModel> {
@@ -350,6 +330,7 @@ impl Scheme for DpScheme {
 
 #[cfg(test)]
 mod tests {
+    use candle_core::Device;
     use rand::{Rng, SeedableRng};
 
     use super::*;

@@ -282,6 +282,42 @@ pub fn build_scheme(config: &SchemeConfig, seed: u64) -> Result<Box<dyn Scheme>>
     })
 }
 
+/// The server step of every scheme whose uploads the server reads: decode each upload with
+/// [`Scheme::server_reads`], take the sample-weighted mean, and send back the plain model.
+pub(crate) fn aggregate_readable(
+    scheme: &dyn Scheme,
+    weighted: &[(usize, &Upload)],
+    template: &NamedTensors,
+) -> Result<Aggregate> {
+    let started = std::time::Instant::now();
+    let decoded = weighted
+        .iter()
+        .map(|(samples, upload)| {
+            let update = scheme
+                .server_reads(&upload.transmission, template)?
+                .unwrap_or_default();
+            Ok((*samples, update))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mean_update = weighted_mean(&decoded, template)?;
+    Ok(Aggregate {
+        download_bytes_per_client: Transmission::plain(template, None)?.len(),
+        mean_update,
+        server_seconds: started.elapsed().as_secs_f64(),
+        decode_seconds: 0.0,
+    })
+}
+
+/// Decodes a plain (f32 safetensors) upload onto the device of `template`.
+pub(crate) fn read_plain(upload: &Transmission, template: &NamedTensors) -> Result<NamedTensors> {
+    let device = template
+        .values()
+        .next()
+        .map(|t| t.device().clone())
+        .unwrap_or(candle_core::Device::Cpu);
+    upload.decode_plain("a client upload", &device)
+}
+
 /// The sample-weighted mean of decoded updates; a tensor missing from an update counts as zero there.
 pub(crate) fn weighted_mean(
     decoded: &[(usize, NamedTensors)],

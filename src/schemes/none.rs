@@ -2,10 +2,11 @@
 
 use std::time::Instant;
 
-use candle_core::Device;
 use rand::rngs::StdRng;
 
-use super::{weighted_mean, Aggregate, NamedTensors, Scheme, ThreatModel, Upload, View};
+use super::{
+    aggregate_readable, read_plain, Aggregate, NamedTensors, Scheme, ThreatModel, Upload, View,
+};
 use crate::fl::Transmission;
 use crate::Result;
 
@@ -41,12 +42,7 @@ impl Scheme for PlainScheme {
         upload: &Transmission,
         template: &NamedTensors,
     ) -> Result<Option<NamedTensors>> {
-        let device = template
-            .values()
-            .next()
-            .map(|t| t.device().clone())
-            .unwrap_or(Device::Cpu);
-        Ok(Some(upload.decode_plain("a client upload", &device)?))
+        Ok(Some(read_plain(upload, template)?))
     }
 
     fn aggregate(
@@ -54,23 +50,7 @@ impl Scheme for PlainScheme {
         weighted: &[(usize, &Upload)],
         template: &NamedTensors,
     ) -> Result<Aggregate> {
-        let started = Instant::now();
-        let decoded = weighted
-            .iter()
-            .map(|(samples, upload)| {
-                let update = self
-                    .server_reads(&upload.transmission, template)?
-                    .unwrap_or_default();
-                Ok((*samples, update))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mean_update = weighted_mean(&decoded, template)?;
-        Ok(Aggregate {
-            download_bytes_per_client: Transmission::plain(template, None)?.len(),
-            mean_update,
-            server_seconds: started.elapsed().as_secs_f64(),
-            decode_seconds: 0.0,
-        })
+        aggregate_readable(self, weighted, template)
     }
 
     fn threat_models(&self) -> Vec<ThreatModel> {
