@@ -168,6 +168,21 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
     let audit: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("audit.json")).unwrap()).unwrap();
     assert!(audit["warmup_test_accuracy"].as_f64().is_some());
+    let key_bytes = |scheme: &str| {
+        audit["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["scheme"] == scheme)
+            .unwrap()["key_bytes_one_time"]
+            .as_u64()
+            .unwrap()
+    };
+    // The shared GLWE secret key: 2048 binary coefficients; a 2048-bit Paillier public key: n plus a
+    // header; no keys for plain FL.
+    assert_eq!(key_bytes("glwe"), 256);
+    assert!((256..300).contains(&key_bytes("paillier")));
+    assert_eq!(key_bytes("none"), 0);
     // CLS-token HE: the key holder's feature inversion is run and scored, per image and class mean.
     for party in ["per_image", "class_mean"] {
         let row = rows

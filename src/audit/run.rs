@@ -138,6 +138,8 @@ pub struct SchemeVerdict {
     pub nmi_max: Option<f64>,
     /// Test accuracy after the last round.
     pub final_test_accuracy: f64,
+    /// One-time key material per client (public key or shared secret key), in bytes.
+    pub key_bytes_one_time: usize,
     /// Differential privacy spent over the whole run (epsilon at `dp_delta`), for DP schemes.
     pub dp_epsilon: Option<f64>,
     /// The delta of `dp_epsilon`.
@@ -708,6 +710,7 @@ pub fn run_audit(
             &trained.rounds,
             &threat_models,
         );
+        verdict.key_bytes_one_time = scheme.key_bytes();
         if let Some((epsilon, delta)) = guarantee(config.fl.rounds) {
             verdict.dp_epsilon = Some(epsilon);
             verdict.dp_delta = Some(delta);
@@ -802,6 +805,7 @@ fn judge(
         ssim_max: best(|r| r.ssim_mean),
         nmi_max: best(|r| r.nmi_mean),
         final_test_accuracy: rounds.last().map(|r| r.test_accuracy).unwrap_or(0.0),
+        key_bytes_one_time: 0,
         dp_epsilon: None,
         dp_delta: None,
         upload_bytes_per_client_round: rounds

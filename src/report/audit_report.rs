@@ -141,6 +141,7 @@ fn render_html(
                 },
                 "upload": fmt_bytes(v.upload_bytes_per_client_round),
                 "download": fmt_bytes(v.download_bytes_per_client_round),
+                "keys": if v.key_bytes_one_time > 0 { fmt_bytes(v.key_bytes_one_time as f64) } else { "–".into() },
                 "seconds": format!("{:.2}", v.round_seconds),
                 "threat_models": v.threat_models,
             })

@@ -277,6 +277,12 @@ impl Scheme for GlweScheme {
         })
     }
 
+    /// The shared GLWE secret key: N x k binary coefficients, 1 bit each when packed; distributed to the
+    /// clients out of band (fedleak derives it from the seed and never sends it).
+    fn key_bytes(&self) -> usize {
+        (self.params.polynomial_size * self.params.glwe_dimension).div_ceil(8)
+    }
+
     fn threat_models(&self) -> Vec<ThreatModel> {
         vec![
             ThreatModel {

@@ -132,6 +132,12 @@ pub trait Scheme {
     /// Every party worth auditing and what it sees.
     fn threat_models(&self) -> Vec<ThreatModel>;
 
+    /// One-time key material each client must receive before the first round, in bytes (0 for schemes
+    /// without keys).
+    fn key_bytes(&self) -> usize {
+        0
+    }
+
     /// The differential-privacy guarantee `(epsilon, delta)` after `rounds` rounds, for schemes that
     /// give one (`None` otherwise). `sampling_rate` is a client's batch size over its local data and
     /// `steps_per_round` its local steps per round.

@@ -254,6 +254,11 @@ impl Scheme for PaillierScheme {
         })
     }
 
+    /// The public key every party receives (the clients also hold the secret key, derived, not sent).
+    fn key_bytes(&self) -> usize {
+        self.public_key_bytes()
+    }
+
     fn threat_models(&self) -> Vec<ThreatModel> {
         vec![
             ThreatModel {
