@@ -37,6 +37,31 @@ pub struct InvertingGradientsConfig {
     pub seed: u64,
     /// How the input gradient of the matching objective is computed.
     pub input_gradient: InputGradient,
+    /// The matching loss: 1 - cosine (Inverting Gradients) or squared L2 (DLG).
+    pub loss: MatchingLoss,
+}
+
+/// How simulated and observed updates are compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchingLoss {
+    /// Inverting Gradients (Geiping et al. 2020): the mean over parameter tensors of 1 - cosine,
+    /// blind to the update's scale.
+    #[default]
+    Cosine,
+    /// DLG / iDLG (Zhu et al. 2019, Zhao et al. 2020): the sum over all entries of the squared
+    /// difference, with labels from iDLG or label counts.
+    SquaredL2,
+}
+
+impl MatchingLoss {
+    /// The id of the attack this loss defines (`ig` or `dlg`).
+    pub fn attack_id(self) -> &'static str {
+        match self {
+            MatchingLoss::Cosine => "ig",
+            MatchingLoss::SquaredL2 => "dlg",
+        }
+    }
 }
 
 /// How the input gradient of the gradient-matching objective is computed.
@@ -62,6 +87,22 @@ impl Default for InvertingGradientsConfig {
             tv_weight: 1e-4,
             seed: 0,
             input_gradient: InputGradient::CentralDifference,
+            loss: MatchingLoss::Cosine,
+        }
+    }
+}
+
+impl InvertingGradientsConfig {
+    /// DLG's setting: squared-L2 matching without an image prior (labels known, as in iDLG; Adam on the
+    /// image instead of DLG's L-BFGS). The input gradient is the exact double backward: the central
+    /// difference agreed with it only to cosine 0.984 on the squared-L2 loss in the f64 test, below the
+    /// 0.999 it must reach.
+    pub fn dlg() -> Self {
+        Self {
+            tv_weight: 0.0,
+            loss: MatchingLoss::SquaredL2,
+            input_gradient: InputGradient::DoubleBackward,
+            ..Self::default()
         }
     }
 }
@@ -95,6 +136,7 @@ pub struct GradientMatcher<'a> {
     soft_labels: Tensor,
     tv_weight: f64,
     input_gradient: InputGradient,
+    loss: MatchingLoss,
 }
 
 /// Relative step of the central difference: eps * |u| = this fraction of |theta|.
@@ -152,7 +194,14 @@ impl<'a> GradientMatcher<'a> {
             soft_labels,
             tv_weight,
             input_gradient,
+            loss: MatchingLoss::Cosine,
         })
+    }
+
+    /// The same matcher with another matching loss.
+    pub fn with_loss(mut self, loss: MatchingLoss) -> Self {
+        self.loss = loss;
+        self
     }
 
     /// Global parameters with the observed ones replaced by `values` (same order as `names`).
@@ -235,6 +284,10 @@ impl<'a> GradientMatcher<'a> {
                 continue;
             }
             let t = self.observed[name].to_dtype(g.dtype())?;
+            if self.loss == MatchingLoss::SquaredL2 {
+                total = (total + (g - &t)?.sqr()?.sum_all()?)?;
+                continue;
+            }
             let dot = (g * &t)?.sum_all()?;
             let norm = g.sqr()?.sum_all()?.sqrt()?;
             // A floor, not an additive epsilon: small but genuine norms must keep their true cosine.
@@ -242,7 +295,10 @@ impl<'a> GradientMatcher<'a> {
             total = (total + cosine.affine(-1.0, 1.0)?)?;
             counted += 1;
         }
-        Ok((total / counted.max(1) as f64)?)
+        match self.loss {
+            MatchingLoss::Cosine => Ok((total / counted.max(1) as f64)?),
+            MatchingLoss::SquaredL2 => Ok(total),
+        }
     }
 
     /// The matching objective (without the prior) and the input gradient of matching + prior.
@@ -287,6 +343,17 @@ impl<'a> GradientMatcher<'a> {
                 continue;
             }
             counted += 1;
+            if self.loss == MatchingLoss::SquaredL2 {
+                // d/dg |g - t|^2 = 2 (g - t).
+                let difference = (g - &t)?;
+                objective += difference
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
+                direction.push((difference * 2.0)?);
+                continue;
+            }
             if g_norm == 0.0 {
                 // cosine 0 (as in `matching`); no direction to follow from a zero gradient.
                 objective += 1.0;
@@ -301,7 +368,10 @@ impl<'a> GradientMatcher<'a> {
             let u = ((t * (-1.0 / (g_norm * t_norm)))? + (g * (dot / (g_norm.powi(3) * t_norm)))?)?;
             direction.push(u);
         }
-        let scale = 1.0 / counted.max(1) as f64;
+        let scale = match self.loss {
+            MatchingLoss::Cosine => 1.0 / counted.max(1) as f64,
+            MatchingLoss::SquaredL2 => 1.0,
+        };
         let base = self.model.parameters();
         let (mut u_norm, mut theta_norm) = (0f64, 0f64);
         for (u, name) in direction.iter().zip(&self.names) {
@@ -375,14 +445,14 @@ pub fn invert_gradients(
 ) -> Result<AttackOutcome> {
     let view = match observation.update_view() {
         Ok(view) => view,
-        Err(reason) => return Ok(not_applicable(&reason)),
+        Err(reason) => return Ok(not_applicable(config.loss, &reason)),
     };
     let (update, source, batch) = (view.update, view.source, view.images);
     if labels.len() != batch {
-        return Ok(not_applicable(&format!(
-            "needs {batch} labels (one per image), got {}",
-            labels.len()
-        )));
+        return Ok(not_applicable(
+            config.loss,
+            &format!("needs {batch} labels (one per image), got {}", labels.len()),
+        ));
     }
     let unroll = match source {
         UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => None,
@@ -396,7 +466,8 @@ pub fn invert_gradients(
         labels,
         config.tv_weight,
         config.input_gradient,
-    )?;
+    )?
+    .with_loss(config.loss);
     let (c, h, w) = model.input_dims();
     let (dtype, device) = (
         matcher.soft_labels.dtype(),
@@ -416,7 +487,7 @@ pub fn invert_gradients(
     Ok(AttackOutcome::Reconstructed(Reconstruction {
         images: images.clamp(0.0, 1.0)?.to_dtype(DType::F32)?,
         labels: Some(labels.to_vec()),
-        attack: "ig",
+        attack: config.loss.attack_id(),
         iterations: config.iterations,
         restarts: config.restarts.max(1),
         objective,
@@ -424,9 +495,9 @@ pub fn invert_gradients(
     }))
 }
 
-fn not_applicable(reason: &str) -> AttackOutcome {
+fn not_applicable(loss: MatchingLoss, reason: &str) -> AttackOutcome {
     AttackOutcome::NotApplicable {
-        attack: "ig",
+        attack: loss.attack_id(),
         reason: reason.to_string(),
     }
 }

@@ -18,6 +18,8 @@ pub enum AttackKind {
     April,
     /// Inverting Gradients (optimisation with second-order autograd), labels from iDLG / label counts.
     Ig,
+    /// DLG: squared-L2 gradient matching without a prior, labels from iDLG / label counts.
+    Dlg,
 }
 
 impl AttackKind {
@@ -26,6 +28,7 @@ impl AttackKind {
         match self {
             AttackKind::April => "april",
             AttackKind::Ig => "ig",
+            AttackKind::Dlg => "dlg",
         }
     }
 }

@@ -317,24 +317,33 @@ fn run_attack(
 ) -> Result<AttackOutcome> {
     Ok(match kind {
         AttackKind::April => reconstruct_april(observation, target)?,
-        AttackKind::Ig => match recover_labels(observation, target)? {
-            Ok(labels) => invert_gradients(
-                observation,
-                target,
-                &labels,
-                &InvertingGradientsConfig {
-                    iterations: config.attack.iterations,
-                    restarts: config.attack.restarts,
+        AttackKind::Ig | AttackKind::Dlg => {
+            let base = if kind == AttackKind::Dlg {
+                InvertingGradientsConfig::dlg()
+            } else {
+                InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight,
-                    seed: config.seed,
                     ..InvertingGradientsConfig::default()
+                }
+            };
+            match recover_labels(observation, target)? {
+                Ok(labels) => invert_gradients(
+                    observation,
+                    target,
+                    &labels,
+                    &InvertingGradientsConfig {
+                        iterations: config.attack.iterations,
+                        restarts: config.attack.restarts,
+                        seed: config.seed,
+                        ..base
+                    },
+                )?,
+                Err(reason) => AttackOutcome::NotApplicable {
+                    attack: kind.id(),
+                    reason: format!("labels could not be recovered ({reason})"),
                 },
-            )?,
-            Err(reason) => AttackOutcome::NotApplicable {
-                attack: "ig",
-                reason: format!("labels could not be recovered ({reason})"),
-            },
-        },
+            }
+        }
     })
 }
 

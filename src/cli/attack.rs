@@ -29,6 +29,8 @@ pub enum AttackArg {
     April,
     /// Inverting Gradients (optimisation, second-order autograd).
     Ig,
+    /// DLG: squared-L2 gradient matching, no prior (labels from iDLG / label counts).
+    Dlg,
 }
 
 /// Arguments of `fedleak attack`.
@@ -105,16 +107,22 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let capture = read_capture(&args.capture, true, &device)?;
     let target = VitTarget::new(&capture.global);
     let observation = observation_of(&capture, &device)?;
+    let base = match args.attack {
+        AttackArg::Dlg => InvertingGradientsConfig::dlg(),
+        _ => InvertingGradientsConfig {
+            tv_weight: args.tv_weight,
+            ..InvertingGradientsConfig::default()
+        },
+    };
     let config = InvertingGradientsConfig {
         iterations: args.iterations,
         restarts: args.restarts,
-        tv_weight: args.tv_weight,
         seed: global.seed(),
-        ..InvertingGradientsConfig::default()
+        ..base
     };
     let closed_form = match args.attack {
         AttackArg::Auto | AttackArg::April => Some(reconstruct_april(&observation, &target)?),
-        AttackArg::Ig => None,
+        AttackArg::Ig | AttackArg::Dlg => None,
     };
     let outcome = match (args.attack, closed_form) {
         (AttackArg::April, Some(outcome)) => outcome,
@@ -128,7 +136,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             match recover_labels(&observation, &target)? {
                 Ok(labels) => invert_gradients(&observation, &target, &labels, &config)?,
                 Err(reason) => AttackOutcome::NotApplicable {
-                    attack: "ig",
+                    attack: config.loss.attack_id(),
                     reason: format!("labels could not be recovered ({reason})"),
                 },
             }
