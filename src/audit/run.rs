@@ -119,6 +119,39 @@ pub struct SummaryRow {
     pub reason: String,
 }
 
+impl SummaryRow {
+    /// A row for `scheme` at `record`'s round, with the round's costs and nothing attacked yet.
+    fn for_round(scheme: &str, parameters: &str, record: &RoundRecord, party: &str) -> Self {
+        let uploads = &record.upload_bytes;
+        Self {
+            scheme: scheme.into(),
+            scheme_parameters: parameters.into(),
+            attack: "-".into(),
+            threat_model: String::new(),
+            round: record.round,
+            party: party.into(),
+            batch_size: 0,
+            psnr_db_mean: None,
+            psnr_db_max: None,
+            ssim_mean: None,
+            nmi_mean: None,
+            label_accuracy: None,
+            baseline_psnr_db: None,
+            test_accuracy: record.test_accuracy,
+            upload_bytes_per_client_round: uploads.iter().sum::<usize>() / uploads.len().max(1),
+            download_bytes_per_client_round: record.download_bytes_per_client,
+            round_seconds: record.round_seconds,
+            encode_seconds: record.encode_seconds,
+            server_seconds: record.server_seconds,
+            attack_seconds: None,
+            dp_epsilon: None,
+            dp_delta: None,
+            verdict: "not_attacked".into(),
+            reason: String::new(),
+        }
+    }
+}
+
 /// The verdict on one scheme, over every threat model, attack and capture.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SchemeVerdict {
@@ -555,32 +588,10 @@ pub fn run_audit(
         for capture in &collector.captures {
             let round = capture.meta.round;
             let record = &trained.rounds[round - 1];
-            let uploads = &record.upload_bytes;
             let base_row = SummaryRow {
-                scheme: id.clone(),
-                scheme_parameters: parameters.clone(),
-                attack: "-".into(),
-                threat_model: String::new(),
-                round,
-                party: party(capture),
-                batch_size: 0,
-                psnr_db_mean: None,
-                psnr_db_max: None,
-                ssim_mean: None,
-                nmi_mean: None,
-                label_accuracy: None,
-                baseline_psnr_db: None,
-                test_accuracy: record.test_accuracy,
-                upload_bytes_per_client_round: uploads.iter().sum::<usize>() / uploads.len().max(1),
-                download_bytes_per_client_round: record.download_bytes_per_client,
-                round_seconds: record.round_seconds,
-                encode_seconds: record.encode_seconds,
-                server_seconds: record.server_seconds,
-                attack_seconds: None,
                 dp_epsilon: guarantee(round).map(|g| g.0),
                 dp_delta: guarantee(round).map(|g| g.1),
-                verdict: "not_attacked".into(),
-                reason: String::new(),
+                ..SummaryRow::for_round(&id, &parameters, record, &party(capture))
             };
             let is_aggregate = !capture.meta.aggregate_of.is_empty();
             for threat in &threat_models {
@@ -679,37 +690,13 @@ pub fn run_audit(
         }
         for threat in &threat_models {
             if let View::Ciphertext { security } = &threat.view {
-                let last = trained.rounds.last();
-                scheme_rows.push(SummaryRow {
-                    scheme: id.clone(),
-                    scheme_parameters: parameters.clone(),
-                    attack: "-".into(),
-                    threat_model: threat.id.clone(),
-                    round: last.map(|r| r.round).unwrap_or(0),
-                    party: "wire".into(),
-                    batch_size: 0,
-                    psnr_db_mean: None,
-                    psnr_db_max: None,
-                    ssim_mean: None,
-                    nmi_mean: None,
-                    label_accuracy: None,
-                    baseline_psnr_db: None,
-                    test_accuracy: last.map(|r| r.test_accuracy).unwrap_or(0.0),
-                    upload_bytes_per_client_round: last
-                        .map(|r| r.upload_bytes.iter().sum::<usize>() / r.upload_bytes.len().max(1))
-                        .unwrap_or(0),
-                    download_bytes_per_client_round: last
-                        .map(|r| r.download_bytes_per_client)
-                        .unwrap_or(0),
-                    round_seconds: last.map(|r| r.round_seconds).unwrap_or(0.0),
-                    encode_seconds: last.map(|r| r.encode_seconds).unwrap_or(0.0),
-                    server_seconds: last.map(|r| r.server_seconds).unwrap_or(0.0),
-                    attack_seconds: None,
-                    dp_epsilon: None,
-                    dp_delta: None,
-                    verdict: "not_attacked".into(),
-                    reason: format!("not attacked: ciphertext under {security}"),
-                });
+                if let Some(last) = trained.rounds.last() {
+                    scheme_rows.push(SummaryRow {
+                        threat_model: threat.id.clone(),
+                        reason: format!("not attacked: ciphertext under {security}"),
+                        ..SummaryRow::for_round(&id, &parameters, last, "wire")
+                    });
+                }
             }
         }
         let mut verdict = judge(
@@ -872,32 +859,7 @@ fn audit_cls_token(
             + seconds.aggregate
             + seconds.decrypt,
     };
-    let base_row = SummaryRow {
-        scheme: id.clone(),
-        scheme_parameters: parameters.clone(),
-        attack: "-".into(),
-        threat_model: String::new(),
-        round: 1,
-        party: String::new(),
-        batch_size: 0,
-        psnr_db_mean: None,
-        psnr_db_max: None,
-        ssim_mean: None,
-        nmi_mean: None,
-        label_accuracy: None,
-        baseline_psnr_db: None,
-        test_accuracy: cls.accuracy_decrypted,
-        upload_bytes_per_client_round: bytes.cls_upload,
-        download_bytes_per_client_round: bytes.cls_download,
-        round_seconds: round.round_seconds,
-        encode_seconds: seconds.encrypt_per_client,
-        server_seconds: seconds.aggregate,
-        attack_seconds: None,
-        dp_epsilon: None,
-        dp_delta: None,
-        verdict: "not_attacked".into(),
-        reason: String::new(),
-    };
+    let base_row = SummaryRow::for_round(&id, &parameters, &round, "");
     let mut rows = vec![SummaryRow {
         threat_model: "server".into(),
         party: "wire".into(),

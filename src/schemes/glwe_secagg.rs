@@ -34,11 +34,11 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{Aggregate, NamedTensors, Scheme, ThreatModel, Upload, View};
+use super::{unflatten_update, Aggregate, NamedTensors, Scheme, ThreatModel, Upload, View};
 use crate::fl::Transmission;
 use crate::he::glwe::{FixedPoint, GlweKey, GlweParameters, GlweVector, SeededGlweVector};
 use crate::he::HeError;
@@ -258,17 +258,7 @@ impl Scheme for GlweScheme {
             }
             _ => vec![0f32; total_values],
         };
-        let mut mean_update = NamedTensors::new();
-        let mut offset = 0;
-        for (name, like) in template {
-            let count = like.elem_count();
-            let values = decrypted[offset..offset + count].to_vec();
-            offset += count;
-            let tensor = Tensor::from_vec(values, like.shape(), &Device::Cpu)?
-                .to_dtype(like.dtype())?
-                .to_device(like.device())?;
-            mean_update.insert(name.clone(), tensor);
-        }
+        let mean_update = unflatten_update(decrypted, template)?;
         Ok(Aggregate {
             mean_update,
             download_bytes_per_client: aggregate_bytes.as_ref().map_or(0, Vec::len),
@@ -310,6 +300,7 @@ impl Scheme for GlweScheme {
 mod tests {
     use super::super::{build_scheme, weighted_mean, SchemeConfig};
     use super::*;
+    use candle_core::{Device, Tensor};
 
     fn update(scale: f32) -> NamedTensors {
         let mut u = NamedTensors::new();

@@ -324,6 +324,41 @@ pub(crate) fn read_plain(upload: &Transmission, template: &NamedTensors) -> Resu
     upload.decode_plain("a client upload", &device)
 }
 
+/// Every tensor of `update`, in name order, as one f64 vector (what the HE schemes encrypt).
+pub(crate) fn flatten_update(update: &NamedTensors) -> Result<Vec<f64>> {
+    let mut values = Vec::with_capacity(update.values().map(Tensor::elem_count).sum());
+    for tensor in update.values() {
+        values.extend(
+            tensor
+                .flatten_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_vec1::<f64>()?,
+        );
+    }
+    Ok(values)
+}
+
+/// The inverse of [`flatten_update`]: cuts `values` into the names, shapes, dtypes and devices of
+/// `template`.
+pub(crate) fn unflatten_update(values: Vec<f32>, template: &NamedTensors) -> Result<NamedTensors> {
+    let mut update = NamedTensors::new();
+    let mut offset = 0;
+    for (name, like) in template {
+        let count = like.elem_count();
+        let part = values.get(offset..offset + count).ok_or_else(|| {
+            crate::Error::Training(format!(
+                "a decrypted aggregate has {} values, too few for `{name}`",
+                values.len()
+            ))
+        })?;
+        offset += count;
+        let tensor =
+            Tensor::from_vec(part.to_vec(), like.shape(), like.device())?.to_dtype(like.dtype())?;
+        update.insert(name.clone(), tensor);
+    }
+    Ok(update)
+}
+
 /// The sample-weighted mean of decoded updates; a tensor missing from an update counts as zero there.
 pub(crate) fn weighted_mean(
     decoded: &[(usize, NamedTensors)],

@@ -29,10 +29,11 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 
-use super::{Aggregate, NamedTensors, Scheme, ThreatModel, Upload, View};
+use super::{
+    flatten_update, unflatten_update, Aggregate, NamedTensors, Scheme, ThreatModel, Upload, View,
+};
 use crate::fl::Transmission;
 use crate::he::paillier::{
     security_bits, CiphertextVector, Packing, PaillierKeyPair, SlotLayout, DEFAULT_KEY_BITS,
@@ -130,19 +131,6 @@ impl PaillierScheme {
     }
 }
 
-/// Every tensor of `update`, in name order, as f64 values.
-fn flatten(update: &NamedTensors) -> Result<Vec<f64>> {
-    let mut values = Vec::new();
-    for tensor in update.values() {
-        let flat = tensor
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        values.extend(flat.into_iter().map(f64::from));
-    }
-    Ok(values)
-}
-
 fn incompatible(reason: String) -> Error {
     Error::He(HeError::Incompatible(reason))
 }
@@ -167,7 +155,7 @@ impl Scheme for PaillierScheme {
         rng: &mut StdRng,
     ) -> Result<Upload> {
         let started = Instant::now();
-        let values = flatten(update)?;
+        let values = flatten_update(update)?;
         let ciphertexts = self.keys.encrypt(&self.layout, &values, rng)?;
         let transmission = Transmission::from_bytes(ciphertexts.to_bytes());
         Ok(Upload {
@@ -233,19 +221,8 @@ impl Scheme for PaillierScheme {
 
         let decode_started = Instant::now();
         let sums = self.keys.decrypt(&sum)?;
-        let mut mean_update = NamedTensors::new();
-        let mut at = 0;
-        for (name, shape_of) in template {
-            let count = shape_of.elem_count();
-            let mean: Vec<f32> = sums[at..at + count]
-                .iter()
-                .map(|s| (s / total as f64) as f32)
-                .collect();
-            at += count;
-            let tensor = Tensor::from_vec(mean, shape_of.shape(), shape_of.device())?
-                .to_dtype(shape_of.dtype())?;
-            mean_update.insert(name.clone(), tensor);
-        }
+        let mean: Vec<f32> = sums.iter().map(|s| (s / total as f64) as f32).collect();
+        let mean_update = unflatten_update(mean, template)?;
         Ok(Aggregate {
             mean_update,
             download_bytes_per_client,
@@ -285,6 +262,7 @@ impl Scheme for PaillierScheme {
 #[cfg(test)]
 mod tests {
     use candle_core::Device;
+    use candle_core::Tensor;
     use rand::SeedableRng;
 
     use super::*;
@@ -412,7 +390,7 @@ mod cost {
         let labels: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
         let cfg = ModelPreset::VitMicro32.config(&labels, PositionEmbeddingKind::Learnable);
         let update = init_parameters(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
-        let values = flatten(&update).unwrap();
+        let values = flatten_update(&update).unwrap();
         let count = values.len();
         let threads = rayon::current_num_threads();
         println!("vit-micro-32 (10 classes): {count} parameters, rayon threads {threads}");
