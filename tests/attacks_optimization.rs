@@ -11,8 +11,9 @@ use fedleak::model::{
     VitConfig, VitTarget,
 };
 use fedleak_attacks::{
-    enable_second_order_gradients, invert_gradients, AttackOutcome, GradientMatcher, InputGradient,
-    InvertingGradientsConfig, MatchingLoss, Observation, ParamMap, TargetModel, UpdateSource,
+    enable_second_order_gradients, invert_gradients, AttackOutcome, GradientMatcher, ImagePrior,
+    InputGradient, InvertingGradientsConfig, MatchingLoss, Observation, ParamMap, TargetModel,
+    UpdateSource,
 };
 
 /// 8x8 RGB, patch 4, width 8, one block: small enough for finite differences.
@@ -134,7 +135,7 @@ fn check_input_gradient(sgd: Option<(f64, usize)>, loss: MatchingLoss) {
             &observed,
             sgd,
             &[2],
-            0.0,
+            ImagePrior::default(),
             InputGradient::DoubleBackward,
         )
         .unwrap()
@@ -194,12 +195,17 @@ fn central_difference_input_gradient_agrees_with_the_exact_double_backward_in_f6
         let cfg = small_config(position);
         let model = target(&cfg);
         let observed = client_update(&model, &image(&cfg, 1), 2, None);
+        let prior = ImagePrior {
+            tv_weight: 1e-2,
+            patch_weight: 1e-2,
+            patch_size: cfg.patch_size,
+        };
         let exact = GradientMatcher::new(
             &model,
             &observed,
             None,
             &[2],
-            1e-2,
+            prior,
             InputGradient::DoubleBackward,
         )
         .unwrap()
@@ -209,7 +215,7 @@ fn central_difference_input_gradient_agrees_with_the_exact_double_backward_in_f6
             &observed,
             None,
             &[2],
-            1e-2,
+            prior,
             InputGradient::CentralDifference,
         )
         .unwrap()

@@ -18,9 +18,9 @@ use candle_core::{DType, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::inverting_gradients::total_variation;
 use crate::model::TargetModel;
 use crate::observation::Observation;
+use crate::prior::total_variation;
 use crate::reconstruction::{AttackOutcome, Reconstruction};
 use crate::{AttackError, Result};
 

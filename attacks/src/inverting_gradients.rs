@@ -18,6 +18,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::{one_hot, ParamMap, TargetModel};
 use crate::observation::{Observation, UpdateSource};
+use crate::prior::ImagePrior;
 use crate::reconstruction::{AttackOutcome, Reconstruction};
 use crate::Result;
 
@@ -33,6 +34,9 @@ pub struct InvertingGradientsConfig {
     pub lr: f64,
     /// Weight of the total-variation prior.
     pub tv_weight: f64,
+    /// Weight of GradViT's patch-border prior (see [`crate::patch_border_variation`]); the patch size
+    /// is the model's.
+    pub patch_weight: f64,
     /// Seed of the random initial images.
     pub seed: u64,
     /// How the input gradient of the matching objective is computed.
@@ -85,6 +89,7 @@ impl Default for InvertingGradientsConfig {
             restarts: 2,
             lr: 0.1,
             tv_weight: 1e-4,
+            patch_weight: 0.0,
             seed: 0,
             input_gradient: InputGradient::CentralDifference,
             loss: MatchingLoss::Cosine,
@@ -100,23 +105,12 @@ impl InvertingGradientsConfig {
     pub fn dlg() -> Self {
         Self {
             tv_weight: 0.0,
+            patch_weight: 0.0,
             loss: MatchingLoss::SquaredL2,
             input_gradient: InputGradient::DoubleBackward,
             ..Self::default()
         }
     }
-}
-
-/// Anisotropic total variation: mean absolute difference of horizontal and of vertical neighbours.
-pub fn total_variation(images: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = images.dims4()?;
-    let dx = (images.narrow(3, 1, w - 1)? - images.narrow(3, 0, w - 1)?)?
-        .abs()?
-        .mean_all()?;
-    let dy = (images.narrow(2, 1, h - 1)? - images.narrow(2, 0, h - 1)?)?
-        .abs()?
-        .mean_all()?;
-    Ok((dx + dy)?)
 }
 
 /// Observed tensors with a norm below this fraction of the largest are treated as zero.
@@ -134,7 +128,7 @@ pub struct GradientMatcher<'a> {
     names: Vec<String>,
     observed_norms: Vec<f64>,
     soft_labels: Tensor,
-    tv_weight: f64,
+    prior: ImagePrior,
     input_gradient: InputGradient,
     loss: MatchingLoss,
 }
@@ -150,7 +144,7 @@ impl<'a> GradientMatcher<'a> {
         observed: &'a ParamMap,
         unroll: Option<(f64, usize)>,
         labels: &[u32],
-        tv_weight: f64,
+        prior: ImagePrior,
         input_gradient: InputGradient,
     ) -> Result<Self> {
         let names: Vec<String> = observed
@@ -192,7 +186,7 @@ impl<'a> GradientMatcher<'a> {
             names,
             observed_norms,
             soft_labels,
-            tv_weight,
+            prior,
             input_gradient,
             loss: MatchingLoss::Cosine,
         })
@@ -309,18 +303,6 @@ impl<'a> GradientMatcher<'a> {
         }
     }
 
-    /// The input gradient of the prior alone (zero without a prior).
-    fn prior_gradient(&self, images: &Tensor) -> Result<Tensor> {
-        if self.tv_weight <= 0.0 {
-            return Ok(images.zeros_like()?);
-        }
-        let x = Var::from_tensor(images)?;
-        let grads = (total_variation(x.as_tensor())? * self.tv_weight)?.backward()?;
-        Ok(grads
-            .get(x.as_tensor())
-            .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))?)
-    }
-
     /// [`InputGradient::CentralDifference`]: three first-order passes.
     fn central_difference(&self, images: &Tensor) -> Result<(f64, Tensor)> {
         let images = images.detach();
@@ -387,7 +369,7 @@ impl<'a> GradientMatcher<'a> {
                 .to_scalar::<f64>()?;
         }
         let (u_norm, theta_norm) = (u_norm.sqrt(), theta_norm.sqrt());
-        let prior = self.prior_gradient(&images)?;
+        let prior = self.prior.gradient(&images)?;
         if u_norm == 0.0 {
             return Ok((objective * scale, prior));
         }
@@ -418,8 +400,8 @@ impl<'a> GradientMatcher<'a> {
     fn double_backward(&self, images: &Tensor) -> Result<(f64, Tensor)> {
         let x = Var::from_tensor(images)?;
         let matching = self.matching(x.as_tensor())?;
-        let objective = if self.tv_weight > 0.0 {
-            (&matching + (total_variation(x.as_tensor())? * self.tv_weight)?)?
+        let objective = if self.prior.is_active() {
+            (&matching + self.prior.value(x.as_tensor())?)?
         } else {
             matching.clone()
         };
@@ -464,7 +446,13 @@ pub fn invert_gradients(
         update,
         unroll,
         labels,
-        config.tv_weight,
+        ImagePrior {
+            tv_weight: config.tv_weight,
+            patch_weight: config.patch_weight,
+            patch_size: model
+                .patch_embedding()
+                .map_or(0, |layout| layout.patch_size),
+        },
         config.input_gradient,
     )?
     .with_loss(config.loss);

@@ -19,6 +19,7 @@ mod label_counts;
 mod linear;
 mod model;
 mod observation;
+mod prior;
 mod reconstruction;
 
 pub use april::{invert_patch_embedding, reconstruct_april, PatchInversion};
@@ -28,13 +29,13 @@ pub use feature_inversion::{
 };
 pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, LabelRecovery};
 pub use inverting_gradients::{
-    invert_gradients, total_variation, GradientMatcher, InputGradient, InvertingGradientsConfig,
-    MatchingLoss,
+    invert_gradients, GradientMatcher, InputGradient, InvertingGradientsConfig, MatchingLoss,
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig};
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
 pub use model::{one_hot, ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
 pub use observation::{Observation, UpdateSource, UpdateView};
+pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
 
 /// Makes candle keep the graph of gradients on the current thread, so that second-order gradients (the

@@ -51,6 +51,9 @@ pub struct AttackArgs {
     /// Weight of the total-variation prior.
     #[arg(long, default_value_t = InvertingGradientsConfig::default().tv_weight)]
     pub tv_weight: f64,
+    /// Weight of GradViT's patch-border prior (0 switches it off).
+    #[arg(long, default_value_t = InvertingGradientsConfig::default().patch_weight)]
+    pub patch_weight: f64,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -111,6 +114,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         AttackArg::Dlg => InvertingGradientsConfig::dlg(),
         _ => InvertingGradientsConfig {
             tv_weight: args.tv_weight,
+            patch_weight: args.patch_weight,
             ..InvertingGradientsConfig::default()
         },
     };

@@ -11,7 +11,7 @@ use fedleak::model::{
     cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
     VitTarget,
 };
-use fedleak_attacks::{GradientMatcher, InputGradient};
+use fedleak_attacks::{GradientMatcher, ImagePrior, InputGradient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -95,7 +95,10 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         &observed,
         None,
         &labels,
-        1e-4,
+        ImagePrior {
+            tv_weight: 1e-4,
+            ..ImagePrior::default()
+        },
         input_gradient,
     )?;
     let guess: Vec<f32> = (0..args.batch * 3 * side * side)
