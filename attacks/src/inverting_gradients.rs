@@ -88,7 +88,7 @@ impl Default for InvertingGradientsConfig {
             iterations: 400,
             restarts: 2,
             lr: 0.1,
-            tv_weight: 1e-4,
+            tv_weight: 1e-3,
             patch_weight: 0.0,
             seed: 0,
             input_gradient: InputGradient::CentralDifference,

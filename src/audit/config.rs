@@ -56,7 +56,7 @@ impl Default for AttackSettings {
             clients: vec![0],
             iterations: 200,
             restarts: 1,
-            tv_weight: 1e-4,
+            tv_weight: fedleak_attacks::InvertingGradientsConfig::default().tv_weight,
         }
     }
 }

@@ -7,8 +7,9 @@ use crate::data::{load_data, DataSpec};
 use crate::fl::{Capture, OptimizerKind, UpdateKind};
 use crate::Result;
 
-/// The server's view of one plain client upload: the decoded update and how it was produced (from the
-/// sidecar, which a server knows because it sets the training plan).
+/// The server's view of one plain capture: the decoded update and how it was produced (from the
+/// sidecar, which a server knows because it sets the training plan) — one client's upload, or the
+/// aggregate of the clients its sidecar lists.
 pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation> {
     let origin = format!(
         "capture of round {} client {}",
@@ -29,10 +30,19 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             local_steps: meta.local_steps,
         },
     };
-    Ok(Observation::ClientUpdate {
-        update,
-        source,
-        batch_size: meta.batch_size,
+    Ok(if meta.aggregate_of.is_empty() {
+        Observation::ClientUpdate {
+            update,
+            source,
+            batch_size: meta.batch_size,
+        }
+    } else {
+        Observation::Aggregate {
+            update,
+            source,
+            clients: meta.aggregate_of.len(),
+            batch_size: meta.batch_size,
+        }
     })
 }
 

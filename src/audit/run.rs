@@ -604,24 +604,6 @@ pub fn run_audit(
                     continue;
                 }
                 let observation = observation_of(capture, device)?;
-                let observation = if is_aggregate {
-                    let Observation::ClientUpdate {
-                        update,
-                        source,
-                        batch_size,
-                    } = observation
-                    else {
-                        continue;
-                    };
-                    Observation::Aggregate {
-                        update,
-                        source,
-                        clients: capture.meta.aggregate_of.len(),
-                        batch_size,
-                    }
-                } else {
-                    observation
-                };
                 let target = VitTarget::new(&capture.global);
                 let private = private_batch(capture, &data, device)?;
                 for &kind in &config.attack.kinds {

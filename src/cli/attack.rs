@@ -12,8 +12,9 @@ use fedleak::fl::read_capture;
 use fedleak::model::VitTarget;
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
-    count_labels, infer_label_idlg, invert_gradients, reconstruct_april, AttackOutcome,
-    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
+    count_labels, infer_label_idlg, invert_gradients, reconstruct_april, recover_classifier_input,
+    AttackOutcome, FeatureOutcome, InvertingGradientsConfig, LabelCountConfig, LabelOutcome,
+    Observation, Reconstruction, TargetModel,
 };
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
@@ -31,6 +32,10 @@ pub enum AttackArg {
     Ig,
     /// DLG: squared-L2 gradient matching, no prior (labels from iDLG / label counts).
     Dlg,
+    /// Labels only: iDLG for one image, label counts from the classifier bias for a batch.
+    Idlg,
+    /// The classifier's input (the CLS feature) from the classifier's gradients, one image.
+    Linear,
 }
 
 /// Arguments of `fedleak attack`.
@@ -110,6 +115,11 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let capture = read_capture(&args.capture, true, &device)?;
     let target = VitTarget::new(&capture.global);
     let observation = observation_of(&capture, &device)?;
+    match args.attack {
+        AttackArg::Idlg => return run_labels(&capture, &observation, &target, &args, &device),
+        AttackArg::Linear => return run_linear(&capture, &observation, &target, &args, &device),
+        _ => {}
+    }
     let base = match args.attack {
         AttackArg::Dlg => InvertingGradientsConfig::dlg(),
         _ => InvertingGradientsConfig {
@@ -126,7 +136,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     };
     let closed_form = match args.attack {
         AttackArg::Auto | AttackArg::April => Some(reconstruct_april(&observation, &target)?),
-        AttackArg::Ig | AttackArg::Dlg => None,
+        AttackArg::Ig | AttackArg::Dlg | AttackArg::Idlg | AttackArg::Linear => None,
     };
     let outcome = match (args.attack, closed_form) {
         (AttackArg::April, Some(outcome)) => outcome,
@@ -171,6 +181,162 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         "out": args.out,
     });
     println!("{summary}");
+    Ok(())
+}
+
+/// One row of `labels.csv`: one recovered label.
+#[derive(Debug, Serialize)]
+struct LabelRow {
+    round: usize,
+    client: usize,
+    attack: &'static str,
+    image: usize,
+    label: u32,
+    label_correct: Option<bool>,
+    objective: f64,
+    attack_seconds: f64,
+}
+
+/// `--attack idlg`: labels only (iDLG for one image, label counts for a batch), scored as a multiset
+/// against the private labels when they are known (counts carry no order).
+fn run_labels(
+    capture: &fedleak::fl::Capture,
+    observation: &Observation,
+    target: &VitTarget,
+    args: &AttackArgs,
+    device: &candle_core::Device,
+) -> Result<()> {
+    let single = matches!(observation, Observation::ClientUpdate { batch_size: 1, .. });
+    let outcome = if single {
+        infer_label_idlg(observation, target)?
+    } else {
+        count_labels(observation, target, &LabelCountConfig::default())?
+    };
+    let recovery = match outcome {
+        LabelOutcome::Recovered(recovery) => recovery,
+        LabelOutcome::NotApplicable { attack, reason } => {
+            println!(
+                "{}",
+                serde_json::json!({"attack": attack, "not_applicable": reason})
+            );
+            return Ok(());
+        }
+    };
+    let mut unmatched: Option<Vec<u32>> =
+        private_images(capture, device)?.map(|private| private.labels);
+    let rows: Vec<LabelRow> = recovery
+        .labels
+        .iter()
+        .enumerate()
+        .map(|(image, &label)| LabelRow {
+            round: capture.meta.round,
+            client: capture.meta.client,
+            attack: recovery.attack,
+            image,
+            label,
+            label_correct: unmatched.as_mut().map(|truth| {
+                let found = truth.iter().position(|&t| t == label);
+                found.map(|at| truth.swap_remove(at)).is_some()
+            }),
+            objective: recovery.objective,
+            attack_seconds: recovery.seconds,
+        })
+        .collect();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
+    let path = args.out.join("labels.csv");
+    let mut writer = csv::Writer::from_path(&path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
+    for row in &rows {
+        writer.serialize(row)?;
+    }
+    writer.flush()?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "attack": recovery.attack,
+            "labels": recovery.labels,
+            "label_accuracy": mean(rows.iter().filter_map(|r| r.label_correct.map(f64::from))),
+            "attack_seconds": recovery.seconds,
+            "out": args.out,
+        })
+    );
+    Ok(())
+}
+
+/// `--attack linear`: the CLS feature read off the classifier's gradients, written to `features.csv`
+/// (one value per line) and scored against the private image's own feature when it is known.
+fn run_linear(
+    capture: &fedleak::fl::Capture,
+    observation: &Observation,
+    target: &VitTarget,
+    args: &AttackArgs,
+    device: &candle_core::Device,
+) -> Result<()> {
+    let recovery = match recover_classifier_input(observation, target)? {
+        FeatureOutcome::Recovered(recovery) => recovery,
+        FeatureOutcome::NotApplicable { attack, reason } => {
+            println!(
+                "{}",
+                serde_json::json!({"attack": attack, "not_applicable": reason})
+            );
+            return Ok(());
+        }
+    };
+    let recovered: Vec<f64> = recovery
+        .features
+        .to_dtype(candle_core::DType::F64)?
+        .flatten_all()?
+        .to_vec1()?;
+    let truth: Option<Vec<f64>> = match private_images(capture, device)? {
+        Some(private) => target
+            .features(target.parameters(), &private.images)?
+            .map(|f| {
+                f.to_dtype(candle_core::DType::F64)?
+                    .flatten_all()?
+                    .to_vec1()
+            })
+            .transpose()?,
+        None => None,
+    };
+    let (cosine, relative_error) = match &truth {
+        Some(t) if t.len() == recovered.len() => {
+            let dot: f64 = t.iter().zip(&recovered).map(|(a, b)| a * b).sum();
+            let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            let diff: Vec<f64> = t.iter().zip(&recovered).map(|(a, b)| a - b).collect();
+            (
+                Some(dot / (norm(t) * norm(&recovered))),
+                Some(norm(&diff) / norm(t)),
+            )
+        }
+        _ => (None, None),
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
+    let path = args.out.join("features.csv");
+    let mut writer = csv::Writer::from_path(&path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
+    writer.write_record(["index", "recovered", "true"])?;
+    for (index, value) in recovered.iter().enumerate() {
+        let true_value = truth
+            .as_ref()
+            .and_then(|t| t.get(index))
+            .map_or_else(String::new, f64::to_string);
+        writer.write_record([index.to_string(), value.to_string(), true_value])?;
+    }
+    writer.flush()?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "attack": recovery.attack,
+            "features": recovered.len(),
+            "rank_one_residual": recovery.objective,
+            "feature_cosine": cosine,
+            "feature_relative_error": relative_error,
+            "attack_seconds": recovery.seconds,
+            "out": args.out,
+        })
+    );
     Ok(())
 }
 

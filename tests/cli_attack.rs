@@ -1,0 +1,94 @@
+//! `fedleak attack` end to end on captures written by `fedleak train`: the closed form, the label and
+//! feature attacks, and what each reports on an aggregate.
+
+mod util;
+
+use std::path::Path;
+
+use util::{fedleak, stderr, stdout};
+
+/// FedSGD at batch 1, two clients, one captured round of a fresh ViT with learnable positions.
+fn train(dir: &Path) {
+    let out = fedleak(
+        dir,
+        &[
+            "train",
+            "--data",
+            "fixture:ihc-tiles-32",
+            "--model",
+            "vit-micro-32",
+            "--algorithm",
+            "fedsgd",
+            "--batch-size",
+            "1",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--quiet",
+            "--out",
+            "run",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Runs `fedleak attack` on a capture of `run` and returns its JSON summary.
+fn attack(dir: &Path, party: &str, attack: &str) -> serde_json::Value {
+    let capture = format!("run/captures/round-0001/{party}");
+    let out_dir = format!("attack-{party}-{attack}");
+    let out = fedleak(
+        dir,
+        &[
+            "attack",
+            "--capture",
+            &capture,
+            "--attack",
+            attack,
+            "--quiet",
+            "--out",
+            &out_dir,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).unwrap()
+}
+
+#[test]
+fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    train(dir);
+
+    let april = attack(dir, "client-0", "april");
+    assert!(april["psnr_db_mean"].as_f64().unwrap() > 60.0, "{april}");
+    let rows = std::fs::read_to_string(dir.join("attack-client-0-april/results.csv")).unwrap();
+    assert!(rows.starts_with("round,client,attack,image"), "{rows}");
+    assert!(dir.join("attack-client-0-april/grid.png").is_file());
+
+    let labels = attack(dir, "client-0", "idlg");
+    assert_eq!(labels["attack"], "idlg");
+    assert_eq!(labels["label_accuracy"], 1.0, "{labels}");
+
+    let features = attack(dir, "client-0", "linear");
+    assert!(
+        features["feature_cosine"].as_f64().unwrap() > 0.9999,
+        "{features}"
+    );
+    let table = std::fs::read_to_string(dir.join("attack-client-0-linear/features.csv")).unwrap();
+    assert_eq!(
+        table.lines().count(),
+        1 + features["features"].as_u64().unwrap() as usize
+    );
+
+    // The aggregate of two clients: two images behind it, no closed form, label counts for both.
+    let april = attack(dir, "aggregate", "april");
+    let reason = april["not_applicable"].as_str().unwrap();
+    assert!(reason.contains("aggregate of 2 clients"), "{reason}");
+    let counts = attack(dir, "aggregate", "idlg");
+    assert_eq!(counts["attack"], "label-counts");
+    assert_eq!(counts["labels"].as_array().unwrap().len(), 2, "{counts}");
+    assert_eq!(counts["label_accuracy"], 1.0, "{counts}");
+    let linear = attack(dir, "aggregate", "linear");
+    assert!(linear["not_applicable"].is_string(), "{linear}");
+}
