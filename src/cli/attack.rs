@@ -85,21 +85,34 @@ struct ResultRow {
     attack_seconds: f64,
 }
 
-/// Recovers one label per image: iDLG for a single image, label counts for a batch.
-fn recover_labels(
-    observation: &Observation,
-    target: &VitTarget,
-) -> Result<Result<Vec<u32>, String>> {
-    let single = matches!(observation, Observation::ClientUpdate { batch_size: 1, .. });
-    let outcome = if single {
-        infer_label_idlg(observation, target)?
-    } else {
-        count_labels(observation, target, &LabelCountConfig::default())?
-    };
-    Ok(match outcome {
-        LabelOutcome::Recovered(r) => Ok(r.labels),
-        LabelOutcome::NotApplicable { attack, reason } => Err(format!("{attack}: {reason}")),
-    })
+/// Recovers one label per image: iDLG for a single image, label counts for a batch or an aggregate.
+fn recover_labels(observation: &Observation, target: &VitTarget) -> Result<LabelOutcome> {
+    Ok(
+        if matches!(observation, Observation::ClientUpdate { batch_size: 1, .. }) {
+            infer_label_idlg(observation, target)?
+        } else {
+            count_labels(observation, target, &LabelCountConfig::default())?
+        },
+    )
+}
+
+/// Prints the JSON line of an attack that does not apply.
+fn print_not_applicable(attack: &str, reason: &str) {
+    println!(
+        "{}",
+        serde_json::json!({"attack": attack, "not_applicable": reason})
+    );
+}
+
+/// Writes `rows` as a CSV file with a header.
+fn write_rows<T: Serialize>(path: &std::path::Path, rows: &[T]) -> Result<()> {
+    let mut writer = csv::Writer::from_path(path)
+        .with_context(|| format!("cannot create `{}`", path.display()))?;
+    for row in rows {
+        writer.serialize(row)?;
+    }
+    writer.flush()?;
+    Ok(())
 }
 
 /// Runs `fedleak attack`.
@@ -148,10 +161,12 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
                 );
             }
             match recover_labels(&observation, &target)? {
-                Ok(labels) => invert_gradients(&observation, &target, &labels, &config)?,
-                Err(reason) => AttackOutcome::NotApplicable {
+                LabelOutcome::Recovered(r) => {
+                    invert_gradients(&observation, &target, &r.labels, &config)?
+                }
+                LabelOutcome::NotApplicable { attack, reason } => AttackOutcome::NotApplicable {
                     attack: config.loss.attack_id(),
-                    reason: format!("labels could not be recovered ({reason})"),
+                    reason: format!("labels could not be recovered ({attack}: {reason})"),
                 },
             }
         }
@@ -161,10 +176,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let reconstruction = match outcome {
         AttackOutcome::Reconstructed(r) => r,
         AttackOutcome::NotApplicable { attack, reason } => {
-            println!(
-                "{}",
-                serde_json::json!({"attack": attack, "not_applicable": reason})
-            );
+            print_not_applicable(attack, &reason);
             return Ok(());
         }
     };
@@ -206,19 +218,10 @@ fn run_labels(
     args: &AttackArgs,
     device: &candle_core::Device,
 ) -> Result<()> {
-    let single = matches!(observation, Observation::ClientUpdate { batch_size: 1, .. });
-    let outcome = if single {
-        infer_label_idlg(observation, target)?
-    } else {
-        count_labels(observation, target, &LabelCountConfig::default())?
-    };
-    let recovery = match outcome {
+    let recovery = match recover_labels(observation, target)? {
         LabelOutcome::Recovered(recovery) => recovery,
         LabelOutcome::NotApplicable { attack, reason } => {
-            println!(
-                "{}",
-                serde_json::json!({"attack": attack, "not_applicable": reason})
-            );
+            print_not_applicable(attack, &reason);
             return Ok(());
         }
     };
@@ -244,13 +247,7 @@ fn run_labels(
         .collect();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create `{}`", args.out.display()))?;
-    let path = args.out.join("labels.csv");
-    let mut writer = csv::Writer::from_path(&path)
-        .with_context(|| format!("cannot create `{}`", path.display()))?;
-    for row in &rows {
-        writer.serialize(row)?;
-    }
-    writer.flush()?;
+    write_rows(&args.out.join("labels.csv"), &rows)?;
     println!(
         "{}",
         serde_json::json!({
@@ -262,6 +259,15 @@ fn run_labels(
         })
     );
     Ok(())
+}
+
+/// One row of `features.csv`: one entry of the recovered feature vector.
+#[derive(Debug, Serialize)]
+struct FeatureRow {
+    index: usize,
+    recovered: f64,
+    #[serde(rename = "true")]
+    true_value: Option<f64>,
 }
 
 /// `--attack linear`: the CLS feature read off the classifier's gradients, written to `features.csv`
@@ -313,18 +319,16 @@ fn run_linear(
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create `{}`", args.out.display()))?;
-    let path = args.out.join("features.csv");
-    let mut writer = csv::Writer::from_path(&path)
-        .with_context(|| format!("cannot create `{}`", path.display()))?;
-    writer.write_record(["index", "recovered", "true"])?;
-    for (index, value) in recovered.iter().enumerate() {
-        let true_value = truth
-            .as_ref()
-            .and_then(|t| t.get(index))
-            .map_or_else(String::new, f64::to_string);
-        writer.write_record([index.to_string(), value.to_string(), true_value])?;
-    }
-    writer.flush()?;
+    let rows: Vec<FeatureRow> = recovered
+        .iter()
+        .enumerate()
+        .map(|(index, &recovered)| FeatureRow {
+            index,
+            recovered,
+            true_value: truth.as_ref().and_then(|t| t.get(index).copied()),
+        })
+        .collect();
+    write_rows(&args.out.join("features.csv"), &rows)?;
     println!(
         "{}",
         serde_json::json!({
@@ -431,12 +435,6 @@ fn write_outputs(
         )?;
         image_grid(&[&references, &matched], 4, &args.out.join("grid.png"))?;
     }
-    let path = args.out.join("results.csv");
-    let mut writer = csv::Writer::from_path(&path)
-        .with_context(|| format!("cannot create `{}`", path.display()))?;
-    for row in &rows {
-        writer.serialize(row)?;
-    }
-    writer.flush()?;
+    write_rows(&args.out.join("results.csv"), &rows)?;
     Ok(rows)
 }
