@@ -197,6 +197,7 @@ fn central_difference_input_gradient_agrees_with_the_exact_double_backward_in_f6
         let observed = client_update(&model, &image(&cfg, 1), 2, None);
         let prior = ImagePrior {
             tv_weight: 1e-2,
+            opponent_tv_weight: 1e-2,
             patch_weight: 1e-2,
             patch_size: cfg.patch_size,
         };
@@ -350,4 +351,26 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
         after > before + 3.0,
         "DLG improved PSNR only from {before:.2} to {after:.2} dB"
     );
+
+    // Restarts on their own threads give exactly the serial result (the best restart by matching
+    // objective, never by ground truth).
+    let two = |restart_workers: usize| {
+        let config = InvertingGradientsConfig {
+            iterations: 20,
+            restarts: 2,
+            restart_workers,
+            seed: 11,
+            ..Default::default()
+        };
+        match invert_gradients(&observation, &model, &[label], &config).unwrap() {
+            AttackOutcome::Reconstructed(r) => (
+                r.objective,
+                r.images.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            ),
+            AttackOutcome::NotApplicable { reason, .. } => panic!("{reason}"),
+        }
+    };
+    let (serial, concurrent) = (two(1), two(2));
+    assert_eq!(serial.0, concurrent.0);
+    assert_eq!(serial.1, concurrent.1);
 }

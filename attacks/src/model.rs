@@ -36,8 +36,9 @@ pub struct ClassifierLayout {
 }
 
 /// The model as the attacker knows it: the architecture as a function of named parameters, and the
-/// global parameter values. Implemented by the crate that owns the model (fedleak's ViT).
-pub trait TargetModel {
+/// global parameter values. Implemented by the crate that owns the model (fedleak's ViT). Shared by the
+/// threads that run an attack's restarts concurrently, hence `Send + Sync`.
+pub trait TargetModel: Send + Sync {
     /// The global parameters the observed client started from.
     fn parameters(&self) -> &ParamMap;
 

@@ -18,6 +18,10 @@ use crate::Result;
 pub struct ImagePrior {
     /// Weight of the anisotropic total variation.
     pub tv_weight: f64,
+    /// Weight of the total variation of the colour-opponent differences (R-G, G-B, B-R; breaching's
+    /// "double opponents"): smooths colour without flattening the luminance texture. Ignored for
+    /// grayscale images.
+    pub opponent_tv_weight: f64,
     /// Weight of the patch-border prior (mean squared jump across patch borders).
     pub patch_weight: f64,
     /// Patch side of the attacked ViT (the patch prior is off when this is 0 or 1).
@@ -27,7 +31,9 @@ pub struct ImagePrior {
 impl ImagePrior {
     /// Whether any prior term is switched on.
     pub fn is_active(&self) -> bool {
-        self.tv_weight > 0.0 || (self.patch_weight > 0.0 && self.patch_size > 1)
+        self.tv_weight > 0.0
+            || self.opponent_tv_weight > 0.0
+            || (self.patch_weight > 0.0 && self.patch_size > 1)
     }
 
     /// The prior's value for images (B x C x H x W), differentiable with respect to them.
@@ -35,6 +41,17 @@ impl ImagePrior {
         let mut total = Tensor::zeros((), images.dtype(), images.device())?;
         if self.tv_weight > 0.0 {
             total = (total + (total_variation(images)? * self.tv_weight)?)?;
+        }
+        if self.opponent_tv_weight > 0.0 && images.dim(1)? == 3 {
+            let opponents = Tensor::cat(
+                &[
+                    (images.narrow(1, 0, 1)? - images.narrow(1, 1, 1)?)?,
+                    (images.narrow(1, 1, 1)? - images.narrow(1, 2, 1)?)?,
+                    (images.narrow(1, 2, 1)? - images.narrow(1, 0, 1)?)?,
+                ],
+                1,
+            )?;
+            total = (total + (total_variation(&opponents)? * self.opponent_tv_weight)?)?;
         }
         if self.patch_weight > 0.0 && self.patch_size > 1 {
             total =

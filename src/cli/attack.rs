@@ -53,15 +53,33 @@ pub struct AttackArgs {
     /// Random restarts (the best by matching objective is kept, never by ground truth).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().restarts)]
     pub restarts: usize,
+    /// Restarts run at once, each on its own thread with one kernel thread unless `--threads` says
+    /// otherwise [default: the number of cores].
+    #[arg(long)]
+    pub restart_workers: Option<usize>,
     /// Weight of the total-variation prior.
     #[arg(long, default_value_t = InvertingGradientsConfig::default().tv_weight)]
     pub tv_weight: f64,
+    /// Weight of the colour-opponent total variation (0 switches it off).
+    #[arg(long, default_value_t = InvertingGradientsConfig::default().opponent_tv_weight)]
+    pub opponent_tv_weight: f64,
     /// Weight of GradViT's patch-border prior (0 switches it off).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().patch_weight)]
     pub patch_weight: f64,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+impl AttackArgs {
+    /// How many restarts run at once: `--restart-workers` (default: the number of cores), at most
+    /// `--restarts`, at least one.
+    pub fn concurrent_restarts(&self) -> usize {
+        let workers = self.restart_workers.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        });
+        workers.min(self.restarts).max(1)
+    }
 }
 
 /// One row of `results.csv`: one reconstructed image.
@@ -137,6 +155,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         AttackArg::Dlg => InvertingGradientsConfig::dlg(),
         _ => InvertingGradientsConfig {
             tv_weight: args.tv_weight,
+            opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
             ..InvertingGradientsConfig::default()
         },
@@ -144,6 +163,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let config = InvertingGradientsConfig {
         iterations: args.iterations,
         restarts: args.restarts,
+        restart_workers: args.concurrent_restarts(),
         seed: global.seed(),
         ..base
     };

@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Attack steps run at once on their own threads, as concurrent restarts run (with one kernel
+    /// thread each unless `--threads` says otherwise); an iteration's time is then the wall time of
+    /// the round divided by this, the effective time per step.
+    #[arg(long, default_value_t = 1)]
+    pub concurrent: usize,
 }
 
 /// Prints `RESULT impl=fedleak model=.. batch=.. iters=.. fwd_bwd1_median_ms=.. all=[..]`.
@@ -119,12 +124,26 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
                     .map(|g| g.sum_all())
                     .transpose()?;
             }
+            StepArg::Attack | StepArg::AttackExact if args.concurrent > 1 => {
+                std::thread::scope(|scope| {
+                    let running: Vec<_> = (0..args.concurrent)
+                        .map(|_| scope.spawn(|| matcher.objective_and_gradient(&guess)))
+                        .collect();
+                    running.into_iter().try_for_each(|handle| {
+                        handle
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("a concurrent attack step panicked"))?
+                            .map(drop)
+                            .map_err(anyhow::Error::from)
+                    })
+                })?;
+            }
             StepArg::Attack | StepArg::AttackExact => {
                 matcher.objective_and_gradient(&guess)?;
             }
         }
         if i >= args.warmup {
-            times.push(started.elapsed().as_secs_f64() * 1e3);
+            times.push(started.elapsed().as_secs_f64() * 1e3 / args.concurrent.max(1) as f64);
         }
     }
     let mut sorted = times.clone();

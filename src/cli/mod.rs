@@ -24,6 +24,19 @@ pub struct Args {
     pub command: Command,
 }
 
+impl Args {
+    /// Worker threads for tensor kernels: `--threads`, else one when the command runs attack restarts
+    /// on several threads at once (kernels parallelised over cores on top would only contend), else
+    /// `None` (candle's default, all cores).
+    pub fn kernel_threads(&self) -> Option<usize> {
+        self.global.threads.or(match &self.command {
+            Command::Attack(a) if a.concurrent_restarts() > 1 => Some(1),
+            Command::Bench(b) if b.concurrent > 1 => Some(1),
+            _ => None,
+        })
+    }
+}
+
 /// Options every command takes.
 #[derive(Debug, clap::Args)]
 pub struct GlobalArgs {
@@ -34,7 +47,8 @@ pub struct GlobalArgs {
     /// Where tensors live: `cpu`, or `cuda` when fedleak is built with `--features cuda`.
     #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
-    /// Worker threads for tensor kernels (default: all cores).
+    /// Worker threads for tensor kernels (default: all cores; one when `attack` runs several restarts
+    /// at once, each on its own core).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     /// Only errors on stderr; no progress bars.

@@ -11,7 +11,10 @@
 #   TORCH_PYTHON  python with torch + safetensors (default: /work/venv-torch/bin/python)
 #   ROUNDS        alternations per case (default: 5)
 #   CASES         space-separated subset of: train-small-1 train-small-8 attack-small-1
-#                 attack-small-8 attack-vitb-1 train-vitb-1 (default: all, in that order)
+#                 attack-small-8 attack-vitb-1 train-vitb-1 restarts2-small-1 restarts2-small-8
+#                 (default: all, in that order). `restarts2-*` times fedleak's attack step as its
+#                 concurrent restarts run it (two steps at once, one kernel thread each; the time is
+#                 per step, wall time / 2) against torch's one step on two threads.
 #   ITERS         timed iterations per process, overriding the per-case default (20/10/3)
 #   WARMUP        untimed iterations per process, overriding the per-case default (3 small, 1 vitb)
 #   RUN_TIMEOUT   seconds before one process is killed and its case marked FAILED (default: 1800)
@@ -29,7 +32,7 @@ anchor="$here/torch_vit_ig.py"
 FEDLEAK="${FEDLEAK:-${CARGO_TARGET_DIR:-$repo/target}/release/fedleak}"
 TORCH_PYTHON="${TORCH_PYTHON:-/work/venv-torch/bin/python}"
 ROUNDS="${ROUNDS:-5}"
-ALL_CASES="train-small-1 train-small-8 attack-small-1 attack-small-8 attack-vitb-1 train-vitb-1"
+ALL_CASES="train-small-1 train-small-8 attack-small-1 attack-small-8 attack-vitb-1 train-vitb-1 restarts2-small-1 restarts2-small-8"
 CASES="${CASES:-$ALL_CASES}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-1800}"
 TIME_BIN=/usr/bin/time
@@ -124,7 +127,11 @@ for case in $CASES; do
     else torch_metric=attack_iter_median_ms; fl_metric=attack_iter_median_ms; fi
 
     torch_cmd=("$TORCH_PYTHON" "$anchor" bench "$batch" "$iters" "$model" "$warmup")
-    fl_cmd=("$FEDLEAK" bench --step "$step" --model "$fl_model" --batch "$batch" --iters "$iters" --threads 2)
+    if [[ "$step" == restarts2 ]]; then
+        fl_cmd=("$FEDLEAK" bench --step attack --concurrent 2 --model "$fl_model" --batch "$batch" --iters "$iters" --threads 1)
+    else
+        fl_cmd=("$FEDLEAK" bench --step "$step" --model "$fl_model" --batch "$batch" --iters "$iters" --threads 2)
+    fi
     if (( fedleak_has_warmup )); then fl_cmd+=(--warmup "$warmup"); fi
 
     log "case $case: $ROUNDS rounds of torch ($torch_metric) / fedleak ($fl_metric), iters=$iters warmup=$warmup"
