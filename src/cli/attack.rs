@@ -30,7 +30,7 @@ pub enum AttackArg {
     April,
     /// Inverting Gradients (optimisation, second-order autograd).
     Ig,
-    /// DLG: squared-L2 gradient matching, no prior (labels from iDLG / label counts).
+    /// DLG: squared-L2 gradient matching, no prior, L-BFGS (labels from iDLG / label counts).
     Dlg,
     /// Labels only: iDLG for one image, label counts from the classifier bias for a batch.
     Idlg,
