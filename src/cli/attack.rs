@@ -13,8 +13,8 @@ use fedleak::model::VitTarget;
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_gradients, reconstruct_april, recover_classifier_input,
-    AttackOutcome, FeatureOutcome, InvertingGradientsConfig, LabelCountConfig, LabelOutcome,
-    Observation, Reconstruction, TargetModel,
+    AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig,
+    LabelCountConfig, LabelOutcome, Observation, Reconstruction, TargetModel,
 };
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
@@ -38,6 +38,15 @@ pub enum AttackArg {
     Linear,
 }
 
+/// How Inverting Gradients optimises the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// Adam on the signed input gradient with step decay (Inverting Gradients).
+    SignedAdam,
+    /// Projected L-BFGS with an Armijo line search, exact double backward.
+    Lbfgs,
+}
+
 /// Arguments of `fedleak attack`.
 #[derive(Debug, clap::Args)]
 pub struct AttackArgs {
@@ -57,6 +66,11 @@ pub struct AttackArgs {
     /// otherwise [default: the number of cores].
     #[arg(long)]
     pub restart_workers: Option<usize>,
+    /// How Inverting Gradients optimises the image: signed Adam (its default) or L-BFGS (then with
+    /// the exact double-backward input gradient, which L-BFGS's line search needs). DLG always uses
+    /// L-BFGS.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::SignedAdam)]
+    pub optimizer: OptimizerArg,
     /// Weight of the total-variation prior.
     #[arg(long, default_value_t = InvertingGradientsConfig::default().tv_weight)]
     pub tv_weight: f64,
@@ -157,7 +171,14 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             tv_weight: args.tv_weight,
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
-            ..InvertingGradientsConfig::default()
+            ..match args.optimizer {
+                OptimizerArg::SignedAdam => InvertingGradientsConfig::default(),
+                OptimizerArg::Lbfgs => InvertingGradientsConfig {
+                    optimizer: ImageOptimizer::Lbfgs,
+                    input_gradient: InputGradient::DoubleBackward,
+                    ..InvertingGradientsConfig::default()
+                },
+            }
         },
     };
     let config = InvertingGradientsConfig {
