@@ -672,29 +672,24 @@ fn lbfgs(
                 .zip(s)
                 .for_each(|(qi, si)| *qi += (alpha - beta) * si);
         }
-        if dot(&q, &current.gradient) <= 0.0 {
-            history.clear();
-            failures += 1;
-            if failures >= 2 {
-                break;
-            }
-            continue;
-        }
-        let mut step = 1.0;
+        // Backtracking along the projected step, only from a descent direction.
         let mut accepted = None;
-        for _ in 0..LINE_SEARCH_TRIES {
-            let candidate: Vec<f64> = x
-                .iter()
-                .zip(&q)
-                .map(|(xi, di)| (xi - step * di).clamp(0.0, 1.0))
-                .collect();
-            let moved: Vec<f64> = candidate.iter().zip(&x).map(|(c, xi)| c - xi).collect();
-            let evaluation = evaluate(&candidate)?;
-            if evaluation.total <= current.total + 1e-4 * dot(&current.gradient, &moved) {
-                accepted = Some((candidate, moved, evaluation));
-                break;
+        if dot(&q, &current.gradient) > 0.0 {
+            let mut step = 1.0;
+            for _ in 0..LINE_SEARCH_TRIES {
+                let candidate: Vec<f64> = x
+                    .iter()
+                    .zip(&q)
+                    .map(|(xi, di)| (xi - step * di).clamp(0.0, 1.0))
+                    .collect();
+                let moved: Vec<f64> = candidate.iter().zip(&x).map(|(c, xi)| c - xi).collect();
+                let evaluation = evaluate(&candidate)?;
+                if evaluation.total <= current.total + 1e-4 * dot(&current.gradient, &moved) {
+                    accepted = Some((candidate, moved, evaluation));
+                    break;
+                }
+                step *= 0.5;
             }
-            step *= 0.5;
         }
         let Some((candidate, moved, evaluation)) = accepted else {
             history.clear();

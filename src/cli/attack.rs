@@ -160,6 +160,8 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let capture = read_capture(&args.capture, true, &device)?;
     let target = VitTarget::new(&capture.global);
     let observation = observation_of(&capture, &device)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
     match args.attack {
         AttackArg::Idlg => return run_labels(&capture, &observation, &target, &args, &device),
         AttackArg::Linear => return run_linear(&capture, &observation, &target, &args, &device),
@@ -212,8 +214,6 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             }
         }
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
     let reconstruction = match outcome {
         AttackOutcome::Reconstructed(r) => r,
         AttackOutcome::NotApplicable { attack, reason } => {
@@ -286,8 +286,6 @@ fn run_labels(
             attack_seconds: recovery.seconds,
         })
         .collect();
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
     write_rows(&args.out.join("labels.csv"), &rows)?;
     println!(
         "{}",
@@ -323,10 +321,7 @@ fn run_linear(
     let recovery = match recover_classifier_input(observation, target)? {
         FeatureOutcome::Recovered(recovery) => recovery,
         FeatureOutcome::NotApplicable { attack, reason } => {
-            println!(
-                "{}",
-                serde_json::json!({"attack": attack, "not_applicable": reason})
-            );
+            print_not_applicable(attack, &reason);
             return Ok(());
         }
     };
@@ -358,8 +353,6 @@ fn run_linear(
         }
         _ => (None, None),
     };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
     let rows: Vec<FeatureRow> = recovered
         .iter()
         .enumerate()
