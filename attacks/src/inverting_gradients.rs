@@ -5,10 +5,15 @@
 //! prior on x'. Optimiser: Adam on the image with *signed* gradients, step decay at 3/8, 5/8 and 7/8 of
 //! the iterations, box constraint [0, 1] after every step. Several random restarts; the one with the
 //! lowest *matching objective* is returned — the attack never sees ground truth. The input gradient of the
-//! objective is the exact second-order gradient through candle's autograd (`CANDLE_GRAD_DO_NOT_DETACH`).
+//! objective is a central-difference Hessian-vector product of first-order passes by default, or the
+//! exact second-order gradient through candle's autograd (`CANDLE_GRAD_DO_NOT_DETACH`); see
+//! [`InputGradient`].
 //!
 //! For a FedAvg weight delta from local SGD, the client's local steps are unrolled with the known
-//! learning rate (as Inverting Gradients does) and the simulated delta is matched instead.
+//! learning rate (as Inverting Gradients does) and the simulated delta is matched instead; its input
+//! gradient comes from an adjoint sweep back through the steps.
+//!
+//! Labels are given (iDLG, label counts) or, as in the original DLG, optimised jointly with the images.
 //!
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).
@@ -112,7 +117,10 @@ pub enum InputGradient {
     /// A Hessian-vector product by central difference: the objective's gradient with respect to the
     /// simulated update, u, is closed form; then grad_x = (grad_x L(x, theta + eps u) - grad_x L(x,
     /// theta - eps u)) / 2 eps. Three first-order passes, no retained graph, no parameter gradients in
-    /// the last two. Checked against the exact double backward in tests (cosine >= 0.999 in f64).
+    /// the last two. For a FedAvg delta of S local steps, an adjoint sweep back through the unrolled
+    /// steps, each step's input and parameter Hessian-vector products from the same two passes: 3S
+    /// first-order passes. Checked against the exact double backward in tests (cosine >= 0.999 in
+    /// f64, for a gradient and for an unrolled delta).
     CentralDifference,
 }
 
@@ -247,27 +255,12 @@ impl<'a> GradientMatcher<'a> {
     }
 
     /// The update the candidate images would produce, tensor by tensor (graph kept to the images).
-    fn simulate(&self, images: &Tensor) -> Result<Vec<Tensor>> {
+    fn simulate(&self, images: &Tensor, soft_labels: &Tensor) -> Result<Vec<Tensor>> {
         let base = self.model.parameters();
         match self.unroll {
             None => {
-                let vars: Vec<Var> = self
-                    .names
-                    .iter()
-                    .map(|n| Var::from_tensor(&base[n]))
-                    .collect::<candle_core::Result<_>>()?;
-                let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-                let loss =
-                    self.model
-                        .loss(&self.params_with(&tensors), images, &self.soft_labels)?;
-                let grads = loss.backward()?;
-                Ok(vars
-                    .iter()
-                    .map(|v| match grads.get(v.as_tensor()) {
-                        Some(g) => Ok(g.clone()),
-                        None => v.as_tensor().zeros_like(),
-                    })
-                    .collect::<candle_core::Result<_>>()?)
+                let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+                self.loss_gradient(&start, images, soft_labels)
             }
             Some((lr, steps)) => {
                 // theta_{s+1} = theta_s - lr * grad L(x', theta_s). A zero variable added at each step
@@ -283,9 +276,9 @@ impl<'a> GradientMatcher<'a> {
                         .zip(&probes)
                         .map(|(t, p)| t + p.as_tensor())
                         .collect::<candle_core::Result<_>>()?;
-                    let loss =
-                        self.model
-                            .loss(&self.params_with(&shifted), images, &self.soft_labels)?;
+                    let loss = self
+                        .model
+                        .loss(&self.params_with(&shifted), images, soft_labels)?;
                     let grads = loss.backward()?;
                     current = current
                         .iter()
@@ -309,7 +302,13 @@ impl<'a> GradientMatcher<'a> {
     /// Every tensor counts equally, so the patch embedding and early blocks (which carry the image) are
     /// not drowned by the few tensors with the largest gradients.
     pub fn matching(&self, images: &Tensor) -> Result<Tensor> {
-        let simulated = self.simulate(images)?;
+        self.matching_with(images, &self.soft_labels)
+    }
+
+    /// [`GradientMatcher::matching`] under the given soft labels (B x classes) instead of the
+    /// matcher's own.
+    fn matching_with(&self, images: &Tensor, soft_labels: &Tensor) -> Result<Tensor> {
+        let simulated = self.simulate(images, soft_labels)?;
         let mut total = Tensor::zeros((), images.dtype(), images.device())?;
         let mut counted = 0usize;
         for ((g, name), &t_norm) in simulated.iter().zip(&self.names).zip(&self.observed_norms) {
@@ -336,36 +335,124 @@ impl<'a> GradientMatcher<'a> {
 
     /// The matching objective (without the prior) and the input gradient of matching + prior.
     pub fn objective_and_gradient(&self, images: &Tensor) -> Result<(f64, Tensor)> {
-        match (self.input_gradient, self.unroll) {
-            (InputGradient::CentralDifference, None) => self.central_difference(images),
-            _ => self.double_backward(images),
+        match self.input_gradient {
+            InputGradient::CentralDifference => self.central_difference(images),
+            InputGradient::DoubleBackward => self.double_backward(images),
         }
     }
 
-    /// [`InputGradient::CentralDifference`]: three first-order passes.
+    /// [`InputGradient::CentralDifference`]: first-order passes only. For a gradient: one pass for the
+    /// simulated gradient, two for the Hessian-vector product. For an unrolled delta of S local steps:
+    /// S passes forward through the steps, then an adjoint sweep back through them with two passes per
+    /// step, each giving the step's mixed (input) and parameter Hessian-vector products at once.
     fn central_difference(&self, images: &Tensor) -> Result<(f64, Tensor)> {
         let images = images.detach();
-        let simulated: Vec<Tensor> = self.simulate(&images)?.iter().map(Tensor::detach).collect();
-        // Objective and u = dObjective/d(simulated update), per tensor, in closed form:
-        // for 1 - <g,t>/(|g||t|): d/dg = -(t/(|g||t|) - <g,t> g/(|g|^3 |t|)).
+        let base = self.model.parameters();
+        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+        // The parameters before each local step, and the simulated update.
+        let (trajectory, simulated, lr) = match self.unroll {
+            None => {
+                let gradient = self.parameter_gradient(&start, &images)?;
+                (vec![start], gradient, None)
+            }
+            Some((lr, steps)) => {
+                // The delta is taken as theta_S - theta_0, as the client computes it.
+                let mut trajectory = Vec::with_capacity(steps);
+                let mut current = start.clone();
+                for _ in 0..steps {
+                    let step: Vec<Tensor> = self
+                        .parameter_gradient(&current, &images)?
+                        .iter()
+                        .map(|g| g * -lr)
+                        .collect::<candle_core::Result<_>>()?;
+                    let next = add_all(&current, &step)?;
+                    trajectory.push(std::mem::replace(&mut current, next));
+                }
+                let delta: Vec<Tensor> = current
+                    .iter()
+                    .zip(&start)
+                    .map(|(end, begin)| end - begin)
+                    .collect::<candle_core::Result<_>>()?;
+                (trajectory, delta, Some(lr))
+            }
+        };
+        let (objective, direction, scale) = self.objective_and_direction(&simulated)?;
+        // Parameter-sized: not needed once the direction is known (a ViT-B/16 update is 344 MB).
+        drop(simulated);
+        let prior = self.prior.gradient(&images)?;
+        let matching_gradient = match lr {
+            None => {
+                self.hessian_products(&trajectory[0], &direction, &images, false)?
+                    .0
+            }
+            Some(lr) => {
+                // a_S = direction; dM/dx = sum_s -lr H_x(theta_s) a_{s+1};
+                // a_s = a_{s+1} - lr H_theta(theta_s) a_{s+1}.
+                let mut adjoint = direction;
+                let mut total = images.zeros_like()?;
+                for (step, theta) in trajectory.iter().enumerate().rev() {
+                    let (input, parameters) =
+                        self.hessian_products(theta, &adjoint, &images, step > 0)?;
+                    total = (total + (input * -lr)?)?;
+                    if let Some(parameters) = parameters {
+                        let scaled: Vec<Tensor> = parameters
+                            .iter()
+                            .map(|h| h * -lr)
+                            .collect::<candle_core::Result<_>>()?;
+                        adjoint = add_all(&adjoint, &scaled)?;
+                    }
+                }
+                total
+            }
+        };
+        let gradient = ((matching_gradient * scale)? + prior)?;
+        Ok((objective * scale, gradient))
+    }
+
+    /// The gradient of the training loss with respect to the observed parameters, set to `theta`, at
+    /// fixed images, kept in the graph (differentiable with respect to the images).
+    fn loss_gradient(
+        &self,
+        theta: &[Tensor],
+        images: &Tensor,
+        soft_labels: &Tensor,
+    ) -> Result<Vec<Tensor>> {
+        let vars: Vec<Var> = theta
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = self
+            .model
+            .loss(&self.params_with(&tensors), images, soft_labels)?
+            .backward()?;
+        variable_gradients(&grads, &vars)
+    }
+
+    /// [`GradientMatcher::loss_gradient`] under the matcher's labels, detached from the graph.
+    fn parameter_gradient(&self, theta: &[Tensor], images: &Tensor) -> Result<Vec<Tensor>> {
+        Ok(self
+            .loss_gradient(theta, images, &self.soft_labels)?
+            .iter()
+            .map(Tensor::detach)
+            .collect())
+    }
+
+    /// The objective and u = dObjective/d(simulated update), per tensor, in closed form, and the
+    /// scale the objective is averaged with. For 1 - <g,t>/(|g||t|):
+    /// d/dg = -(t/(|g||t|) - <g,t> g/(|g|^3 |t|)); for |g - t|^2: 2 (g - t).
+    fn objective_and_direction(&self, simulated: &[Tensor]) -> Result<(f64, Vec<Tensor>, f64)> {
         let mut objective = 0f64;
         let mut direction = Vec::with_capacity(simulated.len());
         let mut counted = 0usize;
         for ((g, name), &t_norm) in simulated.iter().zip(&self.names).zip(&self.observed_norms) {
             let t = self.observed[name].to_dtype(g.dtype())?;
-            let g_norm = g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .sqrt();
             if t_norm == 0.0 {
                 direction.push(g.zeros_like()?);
                 continue;
             }
             counted += 1;
             if self.loss == MatchingLoss::SquaredL2 {
-                // d/dg |g - t|^2 = 2 (g - t).
                 let difference = (g - &t)?;
                 objective += difference
                     .sqr()?
@@ -375,6 +462,12 @@ impl<'a> GradientMatcher<'a> {
                 direction.push((difference * 2.0)?);
                 continue;
             }
+            let g_norm = g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?
+                .sqrt();
             if g_norm == 0.0 {
                 // cosine 0 (as in `matching`); no direction to follow from a zero gradient.
                 objective += 1.0;
@@ -389,58 +482,136 @@ impl<'a> GradientMatcher<'a> {
             let u = ((t * (-1.0 / (g_norm * t_norm)))? + (g * (dot / (g_norm.powi(3) * t_norm)))?)?;
             direction.push(u);
         }
-        // Parameter-sized: not needed once the direction is known (a ViT-B/16 update is 344 MB).
-        drop(simulated);
         let scale = match self.loss {
             MatchingLoss::Cosine => 1.0 / counted.max(1) as f64,
             MatchingLoss::SquaredL2 => 1.0,
         };
-        let base = self.model.parameters();
-        let (mut u_norm, mut theta_norm) = (0f64, 0f64);
-        for (u, name) in direction.iter().zip(&self.names) {
-            u_norm += u
+        Ok((objective, direction, scale))
+    }
+
+    /// Hessian-vector products of the training loss at parameters `theta` along `vector`, by central
+    /// difference: the input part d/dx <grad_theta L, vector> and, when `with_parameters`, the
+    /// parameter part H_theta vector, both from the same two first-order passes at
+    /// theta +/- eps vector.
+    fn hessian_products(
+        &self,
+        theta: &[Tensor],
+        vector: &[Tensor],
+        images: &Tensor,
+        with_parameters: bool,
+    ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+        let (mut vector_norm, mut theta_norm) = (0f64, 0f64);
+        for (v, t) in vector.iter().zip(theta) {
+            vector_norm += v
                 .sqr()?
                 .sum_all()?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
-            theta_norm += base[name]
+            theta_norm += t
                 .sqr()?
                 .sum_all()?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
         }
-        let (u_norm, theta_norm) = (u_norm.sqrt(), theta_norm.sqrt());
-        let prior = self.prior.gradient(&images)?;
-        if u_norm == 0.0 {
-            return Ok((objective * scale, prior));
+        let (vector_norm, theta_norm) = (vector_norm.sqrt(), theta_norm.sqrt());
+        if vector_norm == 0.0 {
+            let parameters = if with_parameters {
+                Some(zeros_like_all(theta)?)
+            } else {
+                None
+            };
+            return Ok((images.zeros_like()?, parameters));
         }
-        let eps = CENTRAL_DIFFERENCE_STEP * theta_norm.max(1.0) / u_norm;
-        let input_gradient_at = |sign: f64| -> Result<Tensor> {
-            let shifted: Vec<Tensor> = direction
+        let eps = CENTRAL_DIFFERENCE_STEP * theta_norm.max(1.0) / vector_norm;
+        let gradients_at = |sign: f64| -> Result<(Tensor, Vec<Tensor>)> {
+            let shifted: Vec<Tensor> = theta
                 .iter()
-                .zip(&self.names)
-                .map(|(u, name)| &base[name] + (u * (sign * eps))?)
+                .zip(vector)
+                .map(|(t, v)| t + (v * (sign * eps))?)
                 .collect::<candle_core::Result<_>>()?;
-            let x = Var::from_tensor(&images)?;
-            let loss = self.model.loss(
-                &self.params_with(&shifted),
-                x.as_tensor(),
-                &self.soft_labels,
-            )?;
-            let grads = loss.backward()?;
-            Ok(grads
+            let vars: Vec<Var> = if with_parameters {
+                shifted
+                    .iter()
+                    .map(Var::from_tensor)
+                    .collect::<candle_core::Result<_>>()?
+            } else {
+                Vec::new()
+            };
+            let tensors: Vec<Tensor> = if with_parameters {
+                vars.iter().map(|v| v.as_tensor().clone()).collect()
+            } else {
+                shifted
+            };
+            let x = Var::from_tensor(images)?;
+            let grads = self
+                .model
+                .loss(
+                    &self.params_with(&tensors),
+                    x.as_tensor(),
+                    &self.soft_labels,
+                )?
+                .backward()?;
+            let input = grads
                 .get(x.as_tensor())
-                .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))?)
+                .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))?;
+            let parameters = variable_gradients(&grads, &vars)?
+                .iter()
+                .map(Tensor::detach)
+                .collect();
+            Ok((input, parameters))
         };
-        let difference = (input_gradient_at(1.0)? - input_gradient_at(-1.0)?)?;
-        let gradient = ((difference * (scale / (2.0 * eps)))? + prior)?;
-        Ok((objective * scale, gradient))
+        let (input_plus, parameters_plus) = gradients_at(1.0)?;
+        let (input_minus, parameters_minus) = gradients_at(-1.0)?;
+        let half = 1.0 / (2.0 * eps);
+        let input = ((input_plus - input_minus)? * half)?;
+        let parameters = if with_parameters {
+            Some(
+                parameters_plus
+                    .iter()
+                    .zip(&parameters_minus)
+                    .map(|(p, m)| (p - m)? * half)
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        } else {
+            None
+        };
+        Ok((input, parameters))
+    }
+
+    /// The matching objective and the gradients of matching + prior at a candidate.
+    fn evaluate(&self, candidate: &Candidate) -> Result<(f64, Tensor, Option<Tensor>)> {
+        match &candidate.label_logits {
+            None => {
+                let (objective, gradient) = self.objective_and_gradient(&candidate.images)?;
+                Ok((objective, gradient, None))
+            }
+            // Joint label optimisation needs the logits' gradient: exact double backward.
+            Some(logits) => self.exact_gradients(&candidate.images, Some(logits)),
+        }
     }
 
     /// [`InputGradient::DoubleBackward`]: the exact second-order gradient.
     fn double_backward(&self, images: &Tensor) -> Result<(f64, Tensor)> {
+        let (objective, gradient, _) = self.exact_gradients(images, None)?;
+        Ok((objective, gradient))
+    }
+
+    /// The matching objective and the exact (double-backward) gradients of matching + prior with
+    /// respect to the images and, for joint label optimisation, to the label logits (B x classes;
+    /// the soft labels are their row-wise softmax).
+    fn exact_gradients(
+        &self,
+        images: &Tensor,
+        label_logits: Option<&Tensor>,
+    ) -> Result<(f64, Tensor, Option<Tensor>)> {
         let x = Var::from_tensor(images)?;
-        let matching = self.matching(x.as_tensor())?;
+        let logits = label_logits.map(Var::from_tensor).transpose()?;
+        let matching = match &logits {
+            Some(logits) => {
+                self.matching_with(x.as_tensor(), &softmax_rows(logits.as_tensor())?)?
+            }
+            None => self.matching(x.as_tensor())?,
+        };
         let objective = if self.prior.is_active() {
             (&matching + self.prior.value(x.as_tensor())?)?
         } else {
@@ -448,22 +619,57 @@ impl<'a> GradientMatcher<'a> {
         };
         let grads = objective.backward()?;
         let value = matching.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grad = match grads.get(x.as_tensor()) {
-            Some(g) => g.detach(),
-            None => images.zeros_like()?,
+        let gradient_of = |t: &Tensor| -> Result<Tensor> {
+            Ok(grads
+                .get(t)
+                .map_or_else(|| t.zeros_like(), |g| Ok(g.detach()))?)
         };
-        Ok((value, grad))
+        let logits_gradient = logits.map(|l| gradient_of(l.as_tensor())).transpose()?;
+        Ok((value, gradient_of(x.as_tensor())?, logits_gradient))
     }
 }
 
-/// Runs Inverting Gradients with the given labels (from iDLG or label-count recovery).
+/// The gradients a backward pass left for each variable (zeros for a variable it did not reach).
+fn variable_gradients(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[Var],
+) -> Result<Vec<Tensor>> {
+    Ok(vars
+        .iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// Element-wise sums of two parameter lists.
+fn add_all(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(a.iter()
+        .zip(b)
+        .map(|(x, y)| x + y)
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// Zeros shaped like each tensor of a parameter list.
+fn zeros_like_all(like: &[Tensor]) -> Result<Vec<Tensor>> {
+    Ok(like
+        .iter()
+        .map(Tensor::zeros_like)
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// Runs Inverting Gradients with the given labels (from iDLG or label-count recovery), or, when
+/// `labels` is `None`, optimises soft labels jointly with the images as the original DLG does (from
+/// random logits; the returned labels are their argmax, and the gradients are then exact double
+/// backward whatever [`InvertingGradientsConfig::input_gradient`] says).
 ///
 /// Applies to a client update or an aggregate (the batch is then clients x batch size images); not to
 /// features or ciphertexts.
 pub fn invert_gradients(
     observation: &Observation,
     model: &dyn TargetModel,
-    labels: &[u32],
+    labels: Option<&[u32]>,
     config: &InvertingGradientsConfig,
 ) -> Result<AttackOutcome> {
     let view = match observation.update_view() {
@@ -471,12 +677,14 @@ pub fn invert_gradients(
         Err(reason) => return Ok(not_applicable(config.loss, &reason)),
     };
     let (update, source, batch) = (view.update, view.source, view.images);
-    if labels.len() != batch {
+    if let Some(labels) = labels.filter(|l| l.len() != batch) {
         return Ok(not_applicable(
             config.loss,
             &format!("needs {batch} labels (one per image), got {}", labels.len()),
         ));
     }
+    // Joint optimisation: the matcher's own labels are never read.
+    let placeholder = vec![0; batch];
     let unroll = match source {
         UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => None,
         UpdateSource::SgdDelta { lr, local_steps } => Some((*lr, *local_steps)),
@@ -486,7 +694,7 @@ pub fn invert_gradients(
         model,
         update,
         unroll,
-        labels,
+        labels.unwrap_or(&placeholder),
         ImagePrior {
             tv_weight: config.tv_weight,
             opponent_tv_weight: config.opponent_tv_weight,
@@ -504,15 +712,28 @@ pub fn invert_gradients(
         matcher.soft_labels.device().clone(),
     );
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let starts: Vec<Tensor> = (0..config.restarts.max(1))
+    let classes = model.num_classes();
+    let starts: Vec<Candidate> = (0..config.restarts.max(1))
         .map(|_| {
             let init: Vec<f32> = (0..batch * c * h * w).map(|_| rng.random()).collect();
-            Tensor::from_vec(init, (batch, c, h, w), &device)?.to_dtype(dtype)
+            let label_logits = match labels {
+                Some(_) => None,
+                None => {
+                    let init: Vec<f32> = (0..batch * classes)
+                        .map(|_| rng.sample(rand_distr::StandardNormal))
+                        .collect();
+                    Some(Tensor::from_vec(init, (batch, classes), &device)?.to_dtype(dtype)?)
+                }
+            };
+            Ok(Candidate {
+                images: Tensor::from_vec(init, (batch, c, h, w), &device)?.to_dtype(dtype)?,
+                label_logits,
+            })
         })
-        .collect::<candle_core::Result<_>>()?;
-    let mut best: Option<(f64, Tensor)> = None;
+        .collect::<Result<_>>()?;
+    let mut best: Option<(f64, Candidate)> = None;
     for group in starts.chunks(config.restart_workers.max(1)) {
-        let finished: Vec<Result<(f64, Tensor)>> = if group.len() == 1 {
+        let finished: Vec<Result<(f64, Candidate)>> = if group.len() == 1 {
             vec![optimise(&matcher, group[0].clone(), config)]
         } else {
             std::thread::scope(|scope| {
@@ -534,22 +755,42 @@ pub fn invert_gradients(
             })
         };
         for outcome in finished {
-            let (objective, images) = outcome?;
+            let (objective, candidate) = outcome?;
             if best.as_ref().is_none_or(|(b, _)| objective < *b) {
-                best = Some((objective, images));
+                best = Some((objective, candidate));
             }
         }
     }
-    let (objective, images) = best.expect("at least one restart ran");
+    let (objective, best) = best.expect("at least one restart ran");
+    let labels = match (labels, &best.label_logits) {
+        (Some(labels), _) => labels.to_vec(),
+        (None, Some(logits)) => logits.argmax(1)?.to_vec1::<u32>()?,
+        (None, None) => unreachable!("joint restarts carry label logits"),
+    };
     Ok(AttackOutcome::Reconstructed(Reconstruction {
-        images: images.clamp(0.0, 1.0)?.to_dtype(DType::F32)?,
-        labels: Some(labels.to_vec()),
+        images: best.images.clamp(0.0, 1.0)?.to_dtype(DType::F32)?,
+        labels: Some(labels),
         attack: config.loss.attack_id(),
         iterations: config.iterations,
         restarts: config.restarts.max(1),
         objective,
         seconds: started.elapsed().as_secs_f64(),
     }))
+}
+
+/// A point the optimisers move: candidate images (B x C x H x W) and, when labels are optimised
+/// jointly, label logits (B x classes).
+#[derive(Clone)]
+struct Candidate {
+    images: Tensor,
+    label_logits: Option<Tensor>,
+}
+
+/// Row-wise softmax built from elementary operations (twice differentiable in candle).
+fn softmax_rows(logits: &Tensor) -> Result<Tensor> {
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?.detach())?;
+    let exp = shifted.exp()?;
+    Ok(exp.broadcast_div(&exp.sum_keepdim(1)?)?)
 }
 
 fn not_applicable(loss: MatchingLoss, reason: &str) -> AttackOutcome {
@@ -560,42 +801,59 @@ fn not_applicable(loss: MatchingLoss, reason: &str) -> AttackOutcome {
 }
 
 /// Optimises one restart with the configured optimiser; returns the final matching objective and
-/// images.
+/// candidate.
 fn optimise(
     matcher: &GradientMatcher,
-    start: Tensor,
+    start: Candidate,
     config: &InvertingGradientsConfig,
-) -> Result<(f64, Tensor)> {
+) -> Result<(f64, Candidate)> {
     match config.optimizer {
         ImageOptimizer::SignedAdam => signed_adam(matcher, start, config),
         ImageOptimizer::Lbfgs => lbfgs(matcher, start, config),
     }
 }
 
-/// Adam with signed gradients, step decay and the box constraint.
+/// Adam with signed gradients, step decay and the box constraint (on the images; label logits are
+/// free).
 fn signed_adam(
     matcher: &GradientMatcher,
-    start: Tensor,
+    start: Candidate,
     config: &InvertingGradientsConfig,
-) -> Result<(f64, Tensor)> {
+) -> Result<(f64, Candidate)> {
     let (beta1, beta2, eps) = (0.9, 0.999, 1e-8);
-    let mut images = start;
-    let mut m = images.zeros_like()?;
-    let mut v = images.zeros_like()?;
+    let mut parts: Vec<Tensor> = std::iter::once(start.images)
+        .chain(start.label_logits)
+        .collect();
+    let mut m: Vec<Tensor> = parts
+        .iter()
+        .map(Tensor::zeros_like)
+        .collect::<candle_core::Result<_>>()?;
+    let mut v = m.clone();
     let mut last = f64::INFINITY;
     let milestones = [3, 5, 7].map(|k| config.iterations * k / 8);
+    let candidate = |parts: &[Tensor]| Candidate {
+        images: parts[0].clone(),
+        label_logits: parts.get(1).cloned(),
+    };
     for step in 1..=config.iterations {
-        let (objective, grad) = matcher.objective_and_gradient(&images)?;
+        let (objective, images, logits) = matcher.evaluate(&candidate(&parts))?;
         last = objective;
-        let grad = grad.sign()?;
         let lr = config.lr * 0.1f64.powi(milestones.iter().filter(|&&s| step > s).count() as i32);
-        m = ((m * beta1)? + (&grad * (1.0 - beta1))?)?;
-        v = ((v * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-        let m_hat = (&m / (1.0 - beta1.powi(step as i32)))?;
-        let v_hat = (&v / (1.0 - beta2.powi(step as i32)))?;
-        images = (images - ((m_hat / (v_hat.sqrt()? + eps)?)? * lr)?)?.clamp(0.0, 1.0)?;
+        for (k, grad) in std::iter::once(images).chain(logits).enumerate() {
+            let grad = grad.sign()?;
+            m[k] = ((&m[k] * beta1)? + (&grad * (1.0 - beta1))?)?;
+            v[k] = ((&v[k] * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
+            let m_hat = (&m[k] / (1.0 - beta1.powi(step as i32)))?;
+            let v_hat = (&v[k] / (1.0 - beta2.powi(step as i32)))?;
+            let moved = (&parts[k] - ((m_hat / (v_hat.sqrt()? + eps)?)? * lr)?)?;
+            parts[k] = if k == 0 {
+                moved.clamp(0.0, 1.0)?
+            } else {
+                moved
+            };
+        }
     }
-    Ok((last, images))
+    Ok((last, candidate(&parts)))
 }
 
 /// One evaluation for L-BFGS: the matching objective, matching + prior, and the latter's gradient, at
@@ -616,32 +874,54 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// working precision).
 fn lbfgs(
     matcher: &GradientMatcher,
-    start: Tensor,
+    start: Candidate,
     config: &InvertingGradientsConfig,
-) -> Result<(f64, Tensor)> {
-    let (shape, dtype, device) = (start.shape().clone(), start.dtype(), start.device().clone());
-    let to_tensor = |values: &[f64]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(values, shape.clone(), &device)?.to_dtype(dtype)?)
+) -> Result<(f64, Candidate)> {
+    // The optimised vector: the pixels (kept in the box), then the label logits if any (free).
+    let images_shape = start.images.shape().clone();
+    let logits_shape = start.label_logits.as_ref().map(|l| l.shape().clone());
+    let (dtype, device) = (start.images.dtype(), start.images.device().clone());
+    let pixels = images_shape.elem_count();
+    let to_candidate = |values: &[f64]| -> Result<Candidate> {
+        let tensor = |values: &[f64], shape: &candle_core::Shape| -> Result<Tensor> {
+            Ok(Tensor::from_slice(values, shape.clone(), &device)?.to_dtype(dtype)?)
+        };
+        Ok(Candidate {
+            images: tensor(&values[..pixels], &images_shape)?,
+            label_logits: logits_shape
+                .as_ref()
+                .map(|shape| tensor(&values[pixels..], shape))
+                .transpose()?,
+        })
     };
+    let flat =
+        |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
     let evaluate = |values: &[f64]| -> Result<Evaluation> {
-        let images = to_tensor(values)?;
-        let (matching, gradient) = matcher.objective_and_gradient(&images)?;
+        let candidate = to_candidate(values)?;
+        let (matching, images, logits) = matcher.evaluate(&candidate)?;
         let prior = if matcher.prior.is_active() {
             matcher
                 .prior
-                .value(&images)?
+                .value(&candidate.images)?
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?
         } else {
             0.0
         };
+        let mut gradient = flat(&images)?;
+        if let Some(logits) = logits {
+            gradient.extend(flat(&logits)?);
+        }
         Ok(Evaluation {
             matching,
             total: matching + prior,
-            gradient: gradient.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?,
+            gradient,
         })
     };
-    let mut x: Vec<f64> = start.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let mut x: Vec<f64> = flat(&start.images)?;
+    if let Some(logits) = &start.label_logits {
+        x.extend(flat(logits)?);
+    }
     let mut current = evaluate(&x)?;
     let mut history: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)> =
         std::collections::VecDeque::with_capacity(LBFGS_HISTORY);
@@ -680,7 +960,15 @@ fn lbfgs(
                 let candidate: Vec<f64> = x
                     .iter()
                     .zip(&q)
-                    .map(|(xi, di)| (xi - step * di).clamp(0.0, 1.0))
+                    .enumerate()
+                    .map(|(i, (xi, di))| {
+                        let moved = xi - step * di;
+                        if i < pixels {
+                            moved.clamp(0.0, 1.0)
+                        } else {
+                            moved
+                        }
+                    })
                     .collect();
                 let moved: Vec<f64> = candidate.iter().zip(&x).map(|(c, xi)| c - xi).collect();
                 let evaluation = evaluate(&candidate)?;
@@ -716,5 +1004,5 @@ fn lbfgs(
         x = candidate;
         current = evaluation;
     }
-    Ok((current.matching, to_tensor(&x)?))
+    Ok((current.matching, to_candidate(&x)?))
 }

@@ -363,7 +363,7 @@ fn run_attack(
                 Ok(labels) => invert_gradients(
                     observation,
                     target,
-                    &labels,
+                    Some(&labels),
                     &InvertingGradientsConfig {
                         iterations: config.attack.iterations,
                         restarts: config.attack.restarts,

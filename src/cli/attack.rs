@@ -80,6 +80,11 @@ pub struct AttackArgs {
     /// Weight of GradViT's patch-border prior (0 switches it off).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().patch_weight)]
     pub patch_weight: f64,
+    /// For `dlg` and `ig`: optimise soft labels jointly with the images from random logits, as the
+    /// original DLG does, instead of recovering the labels first (iDLG, label counts). Exact
+    /// double-backward gradients; the reported labels are the argmax of the optimised ones.
+    #[arg(long)]
+    pub joint_labels: bool,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -203,14 +208,20 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
                     "closed form not applicable ({reason}); running Inverting Gradients"
                 );
             }
-            match recover_labels(&observation, &target)? {
-                LabelOutcome::Recovered(r) => {
-                    invert_gradients(&observation, &target, &r.labels, &config)?
+            if args.joint_labels {
+                invert_gradients(&observation, &target, None, &config)?
+            } else {
+                match recover_labels(&observation, &target)? {
+                    LabelOutcome::Recovered(r) => {
+                        invert_gradients(&observation, &target, Some(&r.labels), &config)?
+                    }
+                    LabelOutcome::NotApplicable { attack, reason } => {
+                        AttackOutcome::NotApplicable {
+                            attack: config.loss.attack_id(),
+                            reason: format!("labels could not be recovered ({attack}: {reason})"),
+                        }
+                    }
                 }
-                LabelOutcome::NotApplicable { attack, reason } => AttackOutcome::NotApplicable {
-                    attack: config.loss.attack_id(),
-                    reason: format!("labels could not be recovered ({attack}: {reason})"),
-                },
             }
         }
     };

@@ -11,7 +11,7 @@ use fedleak::model::{
     cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
     VitTarget,
 };
-use fedleak_attacks::{GradientMatcher, ImagePrior, InputGradient};
+use fedleak_attacks::{GradientMatcher, ImagePrior, InputGradient, TargetModel};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -52,6 +52,13 @@ pub struct BenchArgs {
     /// the round divided by this, the effective time per step.
     #[arg(long, default_value_t = 1)]
     pub concurrent: usize,
+    /// For the attack steps: match a FedAvg weight delta of this many local SGD steps (unrolled by
+    /// the attack) instead of a gradient; 0 matches a gradient.
+    #[arg(long, default_value_t = 0)]
+    pub local_steps: usize,
+    /// Learning rate of those local steps.
+    #[arg(long, default_value_t = 0.01)]
+    pub local_lr: f64,
 }
 
 /// Prints `RESULT impl=fedleak model=.. batch=.. iters=.. fwd_bwd1_median_ms=.. all=[..]`.
@@ -85,11 +92,43 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         config: config.clone(),
         tensors: tensors.clone(),
     });
-    let observed: fedleak_attacks::ParamMap = {
-        let grads = cross_entropy(&model.forward(&images)?, &target)?.backward()?;
-        vars.iter()
+    let gradient_at = |params: &fedleak_attacks::ParamMap| -> Result<fedleak_attacks::ParamMap> {
+        let tracked: Vec<(String, candle_core::Var)> = params
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), candle_core::Var::from_tensor(v)?)))
+            .collect::<Result<_>>()?;
+        let grads = target_model
+            .loss(
+                &tracked
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+                    .collect(),
+                &images,
+                &target,
+            )?
+            .backward()?;
+        Ok(tracked
+            .iter()
             .filter_map(|(k, v)| grads.get(v.as_tensor()).map(|g| (k.clone(), g.detach())))
-            .collect()
+            .collect())
+    };
+    // A gradient, or the delta theta_S - theta_0 of S local SGD steps.
+    let (observed, unroll) = if args.local_steps == 0 {
+        (gradient_at(target_model.parameters())?, None)
+    } else {
+        let mut params = target_model.parameters().clone();
+        for _ in 0..args.local_steps {
+            for (name, g) in gradient_at(&params)? {
+                let updated = (&params[&name] - (g * args.local_lr)?)?;
+                params.insert(name, updated);
+            }
+        }
+        let start = target_model.parameters();
+        let delta = params
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), (v - &start[k])?)))
+            .collect::<Result<_>>()?;
+        (delta, Some((args.local_lr, args.local_steps)))
     };
     let input_gradient = match args.step {
         StepArg::AttackExact => InputGradient::DoubleBackward,
@@ -98,7 +137,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let matcher = GradientMatcher::new(
         &target_model,
         &observed,
-        None,
+        unroll,
         &labels,
         ImagePrior {
             tv_weight: 1e-4,
