@@ -16,10 +16,13 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    // candle reads this once per thread, before the first backward pass: without it second-order
-    // gradients (gradient-matching attacks) are silently wrong. Set before any thread starts.
-    std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
     let args = cli::Args::parse();
+    // candle reads this once per thread, before the first backward pass: without it second-order
+    // gradients are silently wrong (the attacks refuse to take one then). Set before any thread
+    // starts, and only when needed: it makes every backward pass keep its graph.
+    if args.needs_second_order_gradients() {
+        fedleak_attacks::enable_second_order_gradients();
+    }
     if let Some(threads) = args.kernel_threads() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }

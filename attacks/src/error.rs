@@ -23,6 +23,16 @@ pub enum AttackError {
         /// What happened.
         reason: String,
     },
+    /// Exact second-order gradients were asked for in a process that did not enable them (see
+    /// [`crate::enable_second_order_gradients`]).
+    #[error(
+        "{attack} needs exact second-order gradients, which this process did not enable: call \
+         `enable_second_order_gradients()` before the first backward pass"
+    )]
+    SecondOrderDisabled {
+        /// The attack.
+        attack: &'static str,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

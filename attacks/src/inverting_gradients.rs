@@ -604,6 +604,11 @@ impl<'a> GradientMatcher<'a> {
         images: &Tensor,
         label_logits: Option<&Tensor>,
     ) -> Result<(f64, Tensor, Option<Tensor>)> {
+        if !crate::second_order_gradients_enabled() {
+            return Err(AttackError::SecondOrderDisabled {
+                attack: self.loss.attack_id(),
+            });
+        }
         let x = Var::from_tensor(images)?;
         let logits = label_logits.map(Var::from_tensor).transpose()?;
         let matching = match &logits {

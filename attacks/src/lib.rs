@@ -45,3 +45,11 @@ pub use reconstruction::{AttackOutcome, Reconstruction};
 pub fn enable_second_order_gradients() {
     std::env::set_var("CANDLE_GRAD_DO_NOT_DETACH", "1");
 }
+
+/// Whether [`enable_second_order_gradients`] was called in this process: exact second-order
+/// gradients ([`InputGradient::DoubleBackward`], joint labels) are refused without it rather than
+/// silently wrong. First-order work runs faster and in far less memory without it (candle then
+/// detaches each gradient instead of keeping the graph of the backward pass).
+pub fn second_order_gradients_enabled() -> bool {
+    std::env::var("CANDLE_GRAD_DO_NOT_DETACH").is_ok_and(|v| !v.is_empty() && v != "0")
+}

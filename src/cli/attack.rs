@@ -91,6 +91,13 @@ pub struct AttackArgs {
 }
 
 impl AttackArgs {
+    /// Whether the attack takes exact second-order gradients: DLG, L-BFGS and joint labels do; the
+    /// default Inverting Gradients (central difference), the closed form, labels and the linear
+    /// attack are first-order only.
+    pub fn needs_second_order_gradients(&self) -> bool {
+        self.attack == AttackArg::Dlg || self.optimizer == OptimizerArg::Lbfgs || self.joint_labels
+    }
+
     /// How many restarts run at once: `--restart-workers` (default: the number of cores), at most
     /// `--restarts`, at least one.
     pub fn concurrent_restarts(&self) -> usize {

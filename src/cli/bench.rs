@@ -61,6 +61,13 @@ pub struct BenchArgs {
     pub local_lr: f64,
 }
 
+impl BenchArgs {
+    /// Whether the timed step is the exact double backward.
+    pub fn needs_second_order_gradients(&self) -> bool {
+        matches!(self.step, StepArg::AttackExact)
+    }
+}
+
 /// Prints `RESULT impl=fedleak model=.. batch=.. iters=.. fwd_bwd1_median_ms=.. all=[..]`.
 pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let device = select_device(global.device)?;
@@ -68,18 +75,6 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     let config = preset.config(&classes, PositionEmbeddingKind::Learnable);
     let tensors = init_parameters(&config, global.seed(), DType::F32, &device)?;
-    let vars: Vec<(String, candle_core::Var)> = tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), candle_core::Var::from_tensor(v)?)))
-        .collect::<Result<_>>()?;
-    let model = Checkpoint {
-        config: config.clone(),
-        tensors: vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect(),
-    }
-    .model()?;
     let mut rng = StdRng::seed_from_u64(global.seed());
     let side = config.image_size;
     let pixels: Vec<f32> = (0..args.batch * 3 * side * side)
@@ -87,11 +82,105 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         .collect();
     let images = Tensor::from_vec(pixels, (args.batch, 3, side, side), &device)?;
     let labels: Vec<u32> = (0..args.batch).map(|i| ((i * 7 + 3) % 10) as u32).collect();
-    let target = one_hot(&labels, 10, DType::F32, &device)?;
-    let target_model = VitTarget::new(&Checkpoint {
-        config: config.clone(),
-        tensors: tensors.clone(),
-    });
+    let checkpoint = Checkpoint { config, tensors };
+    // Each step builds only what it needs: ViT-B/16 parameters are 344 MB a copy.
+    let times = match args.step {
+        StepArg::Train => time_train(&args, checkpoint, &images, &labels)?,
+        StepArg::Attack | StepArg::AttackExact => {
+            let guess: Vec<f32> = (0..args.batch * 3 * side * side)
+                .map(|_| rng.random())
+                .collect();
+            let guess = Tensor::from_vec(guess, (args.batch, 3, side, side), &device)?;
+            time_attack(
+                &args,
+                &VitTarget::new(&checkpoint),
+                &images,
+                &labels,
+                &guess,
+            )?
+        }
+    };
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let model_name = match preset {
+        ModelPreset::VitB16_224 => "vitb16",
+        _ => "small",
+    };
+    let metric = match args.step {
+        StepArg::Train => "fwd_bwd1_median_ms",
+        StepArg::Attack | StepArg::AttackExact => "attack_iter_median_ms",
+    };
+    println!(
+        "RESULT impl=fedleak model={model_name} batch={} iters={} {metric}={median:.2} all={:?}",
+        args.batch,
+        args.iters,
+        times
+            .iter()
+            .map(|t| (t * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+/// Runs `warmup + iters` iterations of `step`, returning the timed ones in ms (per step when
+/// `concurrent` steps run in one iteration).
+fn time_iterations(args: &BenchArgs, mut step: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let mut times = Vec::with_capacity(args.iters);
+    for i in 0..args.warmup + args.iters {
+        let started = Instant::now();
+        step()?;
+        if i >= args.warmup {
+            times.push(started.elapsed().as_secs_f64() * 1e3 / args.concurrent.max(1) as f64);
+        }
+    }
+    Ok(times)
+}
+
+/// Times one first-order forward + backward of the cross-entropy over variables.
+fn time_train(
+    args: &BenchArgs,
+    checkpoint: Checkpoint,
+    images: &Tensor,
+    labels: &[u32],
+) -> Result<Vec<f64>> {
+    let target = one_hot(labels, 10, DType::F32, images.device())?;
+    let vars: Vec<(String, candle_core::Var)> = checkpoint
+        .tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), candle_core::Var::from_tensor(v)?)))
+        .collect::<Result<_>>()?;
+    let model = Checkpoint {
+        config: checkpoint.config,
+        tensors: vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect(),
+    }
+    .model()?;
+    time_iterations(args, || {
+        let grads = cross_entropy(&model.forward(images)?, &target)?.backward()?;
+        // Touch one gradient so the work cannot be skipped.
+        if let Some((_, first)) = vars.first() {
+            grads
+                .get(first.as_tensor())
+                .map(|g| g.sum_all())
+                .transpose()?;
+        }
+        Ok(())
+    })
+}
+
+/// Times one attack step (the matching objective and its input gradient) against a gradient, or
+/// against the delta of `--local-steps` SGD steps, of the true images.
+fn time_attack(
+    args: &BenchArgs,
+    target_model: &VitTarget,
+    images: &Tensor,
+    labels: &[u32],
+    guess: &Tensor,
+) -> Result<Vec<f64>> {
+    let target = one_hot(labels, 10, DType::F32, images.device())?;
     let gradient_at = |params: &fedleak_attacks::ParamMap| -> Result<fedleak_attacks::ParamMap> {
         let tracked: Vec<(String, candle_core::Var)> = params
             .iter()
@@ -103,7 +192,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
                     .collect(),
-                &images,
+                images,
                 &target,
             )?
             .backward()?;
@@ -135,75 +224,33 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
         _ => InputGradient::CentralDifference,
     };
     let matcher = GradientMatcher::new(
-        &target_model,
+        target_model,
         &observed,
         unroll,
-        &labels,
+        labels,
         ImagePrior {
             tv_weight: 1e-4,
             ..ImagePrior::default()
         },
         input_gradient,
     )?;
-    let guess: Vec<f32> = (0..args.batch * 3 * side * side)
-        .map(|_| rng.random())
-        .collect();
-    let guess = Tensor::from_vec(guess, (args.batch, 3, side, side), &device)?;
-    let mut times = Vec::with_capacity(args.iters);
-    for i in 0..args.warmup + args.iters {
-        let started = Instant::now();
-        match args.step {
-            StepArg::Train => {
-                let loss = cross_entropy(&model.forward(&images)?, &target)?;
-                let grads = loss.backward()?;
-                // Touch one gradient so the work cannot be skipped.
-                let (_, first) = &vars[0];
-                grads
-                    .get(first.as_tensor())
-                    .map(|g| g.sum_all())
-                    .transpose()?;
-            }
-            StepArg::Attack | StepArg::AttackExact if args.concurrent > 1 => {
-                std::thread::scope(|scope| {
-                    let running: Vec<_> = (0..args.concurrent)
-                        .map(|_| scope.spawn(|| matcher.objective_and_gradient(&guess)))
-                        .collect();
-                    running.into_iter().try_for_each(|handle| {
-                        handle
-                            .join()
-                            .map_err(|_| anyhow::anyhow!("a concurrent attack step panicked"))?
-                            .map(drop)
-                            .map_err(anyhow::Error::from)
-                    })
-                })?;
-            }
-            StepArg::Attack | StepArg::AttackExact => {
-                matcher.objective_and_gradient(&guess)?;
-            }
+    time_iterations(args, || {
+        if args.concurrent > 1 {
+            std::thread::scope(|scope| {
+                let running: Vec<_> = (0..args.concurrent)
+                    .map(|_| scope.spawn(|| matcher.objective_and_gradient(guess)))
+                    .collect();
+                running.into_iter().try_for_each(|handle| {
+                    handle
+                        .join()
+                        .map_err(|_| anyhow::anyhow!("a concurrent attack step panicked"))?
+                        .map(drop)
+                        .map_err(anyhow::Error::from)
+                })
+            })
+        } else {
+            matcher.objective_and_gradient(guess).map(drop)?;
+            Ok(())
         }
-        if i >= args.warmup {
-            times.push(started.elapsed().as_secs_f64() * 1e3 / args.concurrent.max(1) as f64);
-        }
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
-    let model_name = match preset {
-        ModelPreset::VitB16_224 => "vitb16",
-        _ => "small",
-    };
-    let metric = match args.step {
-        StepArg::Train => "fwd_bwd1_median_ms",
-        StepArg::Attack | StepArg::AttackExact => "attack_iter_median_ms",
-    };
-    println!(
-        "RESULT impl=fedleak model={model_name} batch={} iters={} {metric}={median:.2} all={:?}",
-        args.batch,
-        args.iters,
-        times
-            .iter()
-            .map(|t| (t * 10.0).round() / 10.0)
-            .collect::<Vec<_>>()
-    );
-    Ok(())
+    })
 }

@@ -25,6 +25,21 @@ pub struct Args {
 }
 
 impl Args {
+    /// Whether the command may take a second-order gradient (a double backward through candle):
+    /// DLG, L-BFGS or joint-label optimisation, the exact bench step, and audits and sweeps (whose
+    /// configuration may ask for DLG). candle then keeps the graph of *every* backward pass alive
+    /// until its gradients are dropped, which multiplies the memory of first-order passes (ViT-B/16
+    /// attack step: 6.8 GB peak with it, see the bench README), so training, labels, the closed form
+    /// and the central-difference attack step run without it.
+    pub fn needs_second_order_gradients(&self) -> bool {
+        match &self.command {
+            Command::Attack(a) => a.needs_second_order_gradients(),
+            Command::Bench(b) => b.needs_second_order_gradients(),
+            Command::Train(_) | Command::Metrics(_) | Command::Report(_) => false,
+            Command::Audit(_) | Command::Sweep(_) => true,
+        }
+    }
+
     /// Worker threads for tensor kernels: `--threads`, else one when the command runs attack restarts
     /// on several threads at once (kernels parallelised over cores on top would only contend), else
     /// `None` (candle's default, all cores).
