@@ -26,8 +26,8 @@ pub struct Args {
 
 impl Args {
     /// Whether the command may take a second-order gradient (a double backward through candle):
-    /// DLG, L-BFGS or joint-label optimisation, the exact bench step, and audits and sweeps (whose
-    /// configuration may ask for DLG). candle then keeps the graph of *every* backward pass alive
+    /// DLG, L-BFGS or joint-label optimisation, the exact bench step, an audit whose configuration
+    /// runs DLG, and sweeps (whose runs may). candle then keeps the graph of *every* backward pass alive
     /// until its gradients are dropped, which multiplies the memory of first-order passes (ViT-B/16
     /// attack step: 6.8 GB peak with it, see the bench README), so training, labels, the closed form
     /// and the central-difference attack step run without it.
@@ -36,7 +36,14 @@ impl Args {
             Command::Attack(a) => a.needs_second_order_gradients(),
             Command::Bench(b) => b.needs_second_order_gradients(),
             Command::Train(_) | Command::Metrics(_) | Command::Report(_) => false,
-            Command::Audit(_) | Command::Sweep(_) => true,
+            // An unreadable configuration is reported by the audit itself; assume the worst here.
+            Command::Audit(a) => audit::load_config(a.config.as_ref()).map_or(true, |config| {
+                config
+                    .attack
+                    .kinds
+                    .contains(&fedleak::audit::AttackKind::Dlg)
+            }),
+            Command::Sweep(_) => true,
         }
     }
 

@@ -255,3 +255,52 @@ fn checkpoint_round_trip_gives_identical_logits() {
         .unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn a_constant_weight_takes_the_frozen_matmul_with_the_same_value_and_input_gradient() {
+    // x (2 x 3 tokens x 4 features) through a constant 5 x 4 weight: the frozen-weight op must give
+    // candle's matmul value exactly and the input gradient dL/dx = C W for L = sum(C * y).
+    let dev = Device::Cpu;
+    let x =
+        Var::from_tensor(&Tensor::from_vec(lcg_values(24, 1), (2, 3, 4), &dev).unwrap()).unwrap();
+    let weight = Tensor::from_vec(lcg_values(20, 2), (5, 4), &dev).unwrap();
+    let bias = Tensor::from_vec(lcg_values(5, 3), 5, &dev).unwrap();
+    let coefficients = Tensor::from_vec(lcg_values(30, 4), (2, 3, 5), &dev).unwrap();
+    let y = layers::linear(x.as_tensor(), &weight, Some(&bias)).unwrap();
+    let reference = x
+        .as_tensor()
+        .broadcast_matmul(&weight.t().unwrap())
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+    let largest_difference = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let difference = largest_difference(&y, &reference);
+    assert!(difference < 1e-12, "value differs by {difference}");
+    let grads = (&y * &coefficients)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gradient = grads.get(x.as_tensor()).unwrap();
+    let expected = coefficients.broadcast_matmul(&weight).unwrap();
+    let difference = largest_difference(gradient, &expected);
+    assert!(difference < 1e-12, "input gradient differs by {difference}");
+    // Nothing weight-shaped was computed: candle's own matmul would have left a 4 x 5 gradient for
+    // the transposed weight in the store.
+    let weight_shaped = grads
+        .get_ids()
+        .filter_map(|id| grads.get_id(*id))
+        .filter(|g| g.dims() == [4, 5] || g.dims() == [5, 4])
+        .count();
+    assert_eq!(weight_shaped, 0);
+}
