@@ -23,7 +23,18 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let centered = x.broadcast_sub(&mean)?;
     let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normalized = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
-    normalized.broadcast_mul(weight)?.broadcast_add(bias)
+    let features = normalized.dim(D::Minus1)?;
+    let rows = normalized.elem_count() / features.max(1);
+    let flat = normalized.reshape((rows, features))?;
+    ((flat * repeat_rows(weight, rows)?)? + repeat_rows(bias, rows)?)?.reshape(normalized.shape())
+}
+
+/// `rows` copies of a tensor, flattened, as a (rows x n) matrix: the outer product of a column of ones
+/// with it. Equivalent to a broadcast, but its backward sums over the copies with one matrix product,
+/// where a broadcast's backward reduces over the leading dimensions element by element in candle
+/// (measured: 18 % of a tiny-ViT training step at batch 8 went there).
+pub(crate) fn repeat_rows(v: &Tensor, rows: usize) -> Result<Tensor> {
+    Tensor::ones((rows, 1), v.dtype(), v.device())?.matmul(&v.reshape((1, v.elem_count()))?)
 }
 
 /// Softmax over the last dimension. The max is subtracted for stability and detached: the result does
@@ -70,15 +81,18 @@ pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
             x.matmul(&weight.t()?)
         }
     };
-    let y = match x.dims() {
-        [batch, tokens, inputs] => {
-            product(&x.reshape((batch * tokens, *inputs))?)?.reshape((*batch, *tokens, ()))?
+    let with_bias = |x: &Tensor| -> Result<Tensor> {
+        let y = product(x)?;
+        match bias {
+            Some(b) => y.clone() + repeat_rows(b, y.dim(0)?)?,
+            None => Ok(y),
         }
-        _ => product(x)?,
     };
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+    match x.dims() {
+        [batch, tokens, inputs] => {
+            with_bias(&x.reshape((batch * tokens, *inputs))?)?.reshape((*batch, *tokens, ()))
+        }
+        _ => with_bias(x),
     }
 }
 

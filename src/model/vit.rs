@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{PositionEmbeddingKind, VitConfig};
-use super::layers::{gelu, layer_norm, linear, softmax_last_dim};
+use super::layers::{gelu, layer_norm, linear, repeat_rows, softmax_last_dim};
 
 /// A weight matrix (out x in) and optional bias, applied as `x W^T + b`.
 #[derive(Debug, Clone)]
@@ -127,8 +127,9 @@ impl Embeddings {
     fn forward(&self, images: &Tensor) -> Result<Tensor> {
         let patches = self.patch_embeddings.forward(images)?;
         let (b, _, d) = patches.dims3()?;
-        let cls = self.cls_token.broadcast_as((b, 1, d))?;
-        Tensor::cat(&[&cls, &patches], 1)?.broadcast_add(&self.position_embeddings)
+        let cls = repeat_rows(&self.cls_token, b)?.reshape((b, 1, d))?;
+        let tokens = Tensor::cat(&[&cls, &patches], 1)?;
+        tokens.clone() + repeat_rows(&self.position_embeddings, b)?.reshape(tokens.shape())?
     }
 }
 
