@@ -56,9 +56,10 @@ pub struct AttackArgs {
     /// The attack.
     #[arg(long, value_enum, default_value_t = AttackArg::Auto)]
     pub attack: AttackArg,
-    /// Optimisation iterations per restart.
-    #[arg(long, default_value_t = InvertingGradientsConfig::default().iterations)]
-    pub iterations: usize,
+    /// Optimisation iterations per restart [default: 400 for one image, 1000 for a batch or an
+    /// aggregate, which keep improving longer].
+    #[arg(long)]
+    pub iterations: Option<usize>,
     /// Random restarts (the best by matching objective is kept, never by ground truth).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().restarts)]
     pub restarts: usize,
@@ -195,8 +196,11 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             }
         },
     };
+    let images = observation.update_view().map_or(1, |view| view.images);
     let config = InvertingGradientsConfig {
-        iterations: args.iterations,
+        iterations: args
+            .iterations
+            .unwrap_or_else(|| InvertingGradientsConfig::default_iterations(images)),
         restarts: args.restarts,
         restart_workers: args.concurrent_restarts(),
         seed: global.seed(),
