@@ -134,7 +134,7 @@ fn check_input_gradient(sgd: Option<(f64, usize)>, loss: MatchingLoss) {
             &model,
             &observed,
             sgd,
-            &[2],
+            Some(&[2]),
             ImagePrior::default(),
             InputGradient::DoubleBackward,
         )
@@ -220,7 +220,7 @@ fn check_central_difference(unroll: Option<(f64, usize)>) {
             &model,
             &observed,
             unroll,
-            &[2],
+            Some(&[2]),
             prior,
             InputGradient::DoubleBackward,
         )
@@ -230,7 +230,7 @@ fn check_central_difference(unroll: Option<(f64, usize)>) {
             &model,
             &observed,
             unroll,
-            &[2],
+            Some(&[2]),
             prior,
             InputGradient::CentralDifference,
         )

@@ -33,6 +33,13 @@ pub enum AttackError {
         /// The attack.
         attack: &'static str,
     },
+    /// An evaluation that needs known labels was asked of a matcher whose labels are optimised
+    /// jointly with the images.
+    #[error("{attack}: the labels are optimised jointly with the images, so there are no known labels to match under")]
+    LabelsUnknown {
+        /// The attack.
+        attack: &'static str,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -196,7 +196,12 @@ pub struct GradientMatcher<'a> {
     unroll: Option<(f64, usize)>,
     names: Vec<String>,
     observed_norms: Vec<f64>,
-    soft_labels: Tensor,
+    /// The known labels as one-hot rows (B x classes); `None` when they are optimised jointly with
+    /// the images and every evaluation brings its own.
+    soft_labels: Option<Tensor>,
+    /// The dtype and device of the model's parameters (and so of candidate images).
+    dtype: DType,
+    device: Device,
     prior: ImagePrior,
     input_gradient: InputGradient,
     loss: MatchingLoss,
@@ -207,12 +212,14 @@ const CENTRAL_DIFFERENCE_STEP: f64 = 1e-3;
 
 impl<'a> GradientMatcher<'a> {
     /// A matcher for `observed` (a gradient when `unroll` is `None`, else an SGD weight delta of
-    /// `(lr, steps)`), under the model's global parameters and the given labels.
+    /// `(lr, steps)`), under the model's global parameters and the given labels (`None`: labels
+    /// optimised jointly; each evaluation then brings its own label logits, and the known-label
+    /// methods return [`AttackError::LabelsUnknown`]).
     pub fn new(
         model: &'a dyn TargetModel,
         observed: &'a ParamMap,
         unroll: Option<(f64, usize)>,
-        labels: &[u32],
+        labels: Option<&[u32]>,
         prior: ImagePrior,
         input_gradient: InputGradient,
     ) -> Result<Self> {
@@ -247,7 +254,9 @@ impl<'a> GradientMatcher<'a> {
             .next()
             .map(|t| (t.dtype(), t.device().clone()))
             .unwrap_or((DType::F32, Device::Cpu));
-        let soft_labels = one_hot(labels, model.num_classes(), dtype, &device)?;
+        let soft_labels = labels
+            .map(|labels| one_hot(labels, model.num_classes(), dtype, &device))
+            .transpose()?;
         Ok(Self {
             model,
             observed,
@@ -255,6 +264,8 @@ impl<'a> GradientMatcher<'a> {
             names,
             observed_norms,
             soft_labels,
+            dtype,
+            device,
             prior,
             input_gradient,
             loss: MatchingLoss::Cosine,
@@ -324,7 +335,14 @@ impl<'a> GradientMatcher<'a> {
     /// Every tensor counts equally, so the patch embedding and early blocks (which carry the image) are
     /// not drowned by the few tensors with the largest gradients.
     pub fn matching(&self, images: &Tensor) -> Result<Tensor> {
-        self.matching_with(images, &self.soft_labels)
+        self.matching_with(images, self.known_labels()?)
+    }
+
+    /// The known labels, or an error for a matcher whose labels are optimised jointly.
+    fn known_labels(&self) -> Result<&Tensor> {
+        self.soft_labels.as_ref().ok_or(AttackError::LabelsUnknown {
+            attack: self.loss.attack_id(),
+        })
     }
 
     /// [`GradientMatcher::matching`] under the given soft labels (B x classes) instead of the
@@ -454,7 +472,7 @@ impl<'a> GradientMatcher<'a> {
     /// [`GradientMatcher::loss_gradient`] under the matcher's labels, detached from the graph.
     fn parameter_gradient(&self, theta: &[Tensor], images: &Tensor) -> Result<Vec<Tensor>> {
         Ok(self
-            .loss_gradient(theta, images, &self.soft_labels)?
+            .loss_gradient(theta, images, self.known_labels()?)?
             .iter()
             .map(Tensor::detach)
             .collect())
@@ -545,6 +563,7 @@ impl<'a> GradientMatcher<'a> {
             return Ok((images.zeros_like()?, parameters));
         }
         let eps = CENTRAL_DIFFERENCE_STEP * theta_norm.max(1.0) / vector_norm;
+        let labels = self.known_labels()?;
         let gradients_at = |sign: f64| -> Result<(Tensor, Vec<Tensor>)> {
             let shifted: Vec<Tensor> = theta
                 .iter()
@@ -567,11 +586,7 @@ impl<'a> GradientMatcher<'a> {
             let x = Var::from_tensor(images)?;
             let grads = self
                 .model
-                .loss(
-                    &self.params_with(&tensors),
-                    x.as_tensor(),
-                    &self.soft_labels,
-                )?
+                .loss(&self.params_with(&tensors), x.as_tensor(), labels)?
                 .backward()?;
             let input = grads
                 .get(x.as_tensor())
@@ -710,8 +725,6 @@ pub fn invert_gradients(
             &format!("needs {batch} labels (one per image), got {}", labels.len()),
         ));
     }
-    // Joint optimisation: the matcher's own labels are never read.
-    let placeholder = vec![0; batch];
     let unroll = match source {
         UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => None,
         UpdateSource::SgdDelta { lr, local_steps } => Some((*lr, *local_steps)),
@@ -721,7 +734,7 @@ pub fn invert_gradients(
         model,
         update,
         unroll,
-        labels.unwrap_or(&placeholder),
+        labels,
         ImagePrior {
             tv_weight: config.tv_weight,
             opponent_tv_weight: config.opponent_tv_weight,
@@ -734,10 +747,7 @@ pub fn invert_gradients(
     )?
     .with_loss(config.loss);
     let (c, h, w) = model.input_dims();
-    let (dtype, device) = (
-        matcher.soft_labels.dtype(),
-        matcher.soft_labels.device().clone(),
-    );
+    let (dtype, device) = (matcher.dtype, matcher.device.clone());
     let mut rng = StdRng::seed_from_u64(config.seed);
     let classes = model.num_classes();
     let starts: Vec<Candidate> = (0..config.restarts.max(1))

@@ -227,7 +227,7 @@ fn time_attack(
         target_model,
         &observed,
         unroll,
-        labels,
+        Some(labels),
         ImagePrior {
             tv_weight: 1e-4,
             ..ImagePrior::default()
