@@ -11,9 +11,9 @@ use fedleak::model::{
     VitConfig, VitTarget,
 };
 use fedleak_attacks::{
-    enable_second_order_gradients, invert_gradients, AttackOutcome, GradientMatcher, ImagePrior,
-    InputGradient, InvertingGradientsConfig, MatchingLoss, Observation, ParamMap, TargetModel,
-    UpdateSource,
+    enable_second_order_gradients, invert_gradients, total_variation, AttackOutcome,
+    GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, MatchingLoss,
+    Observation, ParamMap, TargetModel, UpdateSource,
 };
 
 /// 8x8 RGB, patch 4, width 8, one block: small enough for finite differences.
@@ -258,9 +258,18 @@ fn check_central_difference(unroll: Option<(f64, usize)>) {
     }
 }
 
-#[test]
-fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
-    enable_second_order_gradients();
+/// A real IHC tile's FedSGD gradient (batch 1, f32) on a fresh vit-micro-32 with a fixed sin-cos table
+/// (closed form not applicable): what an attacker observes, and the private image and label behind it.
+struct TileCase {
+    checkpoint: Checkpoint,
+    model: VitTarget,
+    observation: Observation,
+    image: Tensor,
+    truth: Vec<f32>,
+    label: u32,
+}
+
+fn tile_case() -> TileCase {
     // vit-micro-32 with a fixed sin-cos table (closed form not applicable), a real IHC tile, batch 1.
     let data = load_data(
         &DataSpec::parse("fixture:ihc-tiles-32").unwrap(),
@@ -272,10 +281,11 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
     .unwrap();
     let cfg =
         ModelPreset::VitMicro32.config(&data.train.class_names, PositionEmbeddingKind::Sincos);
-    let model = VitTarget::new(&Checkpoint {
+    let checkpoint = Checkpoint {
         config: cfg.clone(),
         tensors: init_parameters(&cfg, 1, DType::F32, &Device::Cpu).unwrap(),
-    });
+    };
+    let model = VitTarget::new(&checkpoint);
     let truth = data.train.image(3).to_vec();
     let x = Tensor::from_vec(truth.clone(), (1, 3, 32, 32), &Device::Cpu).unwrap();
     let label = data.train.labels[3];
@@ -305,6 +315,93 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
         source: UpdateSource::Gradient,
         batch_size: 1,
     };
+    TileCase {
+        checkpoint,
+        model,
+        observation,
+        image: x,
+        truth,
+        label,
+    }
+}
+
+#[test]
+fn a_decaying_prior_gives_way_to_the_gradient_after_the_first_step_decay() {
+    let case = tile_case();
+    let smoothness = |prior_decay: f64| {
+        let config = InvertingGradientsConfig {
+            iterations: 16,
+            restarts: 1,
+            seed: 3,
+            // Strong enough to flatten the image while it is on.
+            tv_weight: 1.0,
+            prior_decay,
+            ..Default::default()
+        };
+        let AttackOutcome::Reconstructed(result) =
+            invert_gradients(&case.observation, &case.model, Some(&[case.label]), &config).unwrap()
+        else {
+            panic!("IG applies to a FedSGD gradient");
+        };
+        total_variation(&result.images)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (kept, dropped) = (smoothness(1.0), smoothness(0.0));
+    println!(
+        "total variation after 16 steps: constant prior {kept:.4}, dropped prior {dropped:.4}"
+    );
+    assert!(
+        dropped > 1.1 * kept,
+        "constant {kept:.4}, dropped {dropped:.4}"
+    );
+}
+
+#[test]
+fn an_f64_attacker_matches_the_true_image_far_below_f32_rounding() {
+    let case = tile_case();
+    let objective_at_truth = |model: &VitTarget, observation: &Observation, image: &Tensor| {
+        let Observation::ClientUpdate { update, .. } = observation else {
+            panic!("a client's gradient");
+        };
+        GradientMatcher::new(
+            model,
+            update,
+            None,
+            Some(&[case.label]),
+            ImagePrior::default(),
+            InputGradient::CentralDifference,
+        )
+        .unwrap()
+        .objective_and_gradient(image)
+        .unwrap()
+        .0
+    };
+    let single = objective_at_truth(&case.model, &case.observation, &case.image);
+    let double = objective_at_truth(
+        &VitTarget::new(&case.checkpoint.to_dtype(DType::F64).unwrap()),
+        &case.observation.to_dtype(DType::F64).unwrap(),
+        &case.image.to_dtype(DType::F64).unwrap(),
+    );
+    println!("1 - cosine at the true image: f32 {single:.3e}, f64 {double:.3e}");
+    // The client computed in f32: simulating in f64 leaves only the observation's own rounding.
+    assert!(
+        single > 0.0 && double < single * 1e-3,
+        "f32 {single:.3e}, f64 {double:.3e}"
+    );
+}
+
+#[test]
+fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
+    enable_second_order_gradients();
+    let TileCase {
+        model,
+        observation,
+        truth,
+        label,
+        ..
+    } = tile_case();
     let config = InvertingGradientsConfig {
         iterations: 60,
         restarts: 1,

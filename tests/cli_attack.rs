@@ -35,21 +35,25 @@ fn train(dir: &Path) {
 
 /// Runs `fedleak attack` on a capture of `run` and returns its JSON summary.
 fn attack(dir: &Path, party: &str, attack: &str) -> serde_json::Value {
+    attack_with(dir, party, attack, &[])
+}
+
+/// [`attack`] with further options.
+fn attack_with(dir: &Path, party: &str, attack: &str, extra: &[&str]) -> serde_json::Value {
     let capture = format!("run/captures/round-0001/{party}");
     let out_dir = format!("attack-{party}-{attack}");
-    let out = fedleak(
-        dir,
-        &[
-            "attack",
-            "--capture",
-            &capture,
-            "--attack",
-            attack,
-            "--quiet",
-            "--out",
-            &out_dir,
-        ],
-    );
+    let mut args = vec![
+        "attack",
+        "--capture",
+        &capture,
+        "--attack",
+        attack,
+        "--quiet",
+        "--out",
+        &out_dir,
+    ];
+    args.extend_from_slice(extra);
+    let out = fedleak(dir, &args);
     assert!(out.status.success(), "{}", stderr(&out));
     serde_json::from_str(stdout(&out).trim()).unwrap()
 }
@@ -91,4 +95,46 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
     assert_eq!(counts["label_accuracy"], 1.0, "{counts}");
     let linear = attack(dir, "aggregate", "linear");
     assert!(linear["not_applicable"].is_string(), "{linear}");
+
+    // Inverting Gradients simulated in f64 (a few steps: that it runs end to end and is scored).
+    let double = attack_with(
+        dir,
+        "client-1",
+        "ig",
+        &["--precision", "f64", "--iterations", "4", "--restarts", "1"],
+    );
+    assert_eq!(double["attack"], "ig", "{double}");
+    assert!(double["psnr_db_mean"].as_f64().unwrap() > 0.0, "{double}");
+    assert!(
+        double["objective"].as_f64().unwrap().is_finite(),
+        "{double}"
+    );
+
+    // Prior settings out of range are refused before any work, naming the option.
+    for (option, value) in [
+        ("--prior-decay", "2"),
+        ("--tv-weight", "-1"),
+        ("--tv-weight", "nan"),
+    ] {
+        let setting = format!("{option}={value}");
+        let out = fedleak(
+            dir,
+            &[
+                "attack",
+                "--capture",
+                "run/captures/round-0001/client-1",
+                &setting,
+                "--out",
+                "refused",
+            ],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{option} {value}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(option), "{}", stderr(&out));
+        assert!(!dir.join("refused").exists());
+    }
 }

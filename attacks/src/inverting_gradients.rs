@@ -55,6 +55,12 @@ pub struct InvertingGradientsConfig {
     /// Weight of GradViT's patch-border prior (see [`crate::patch_border_variation`]); the patch size
     /// is the model's.
     pub patch_weight: f64,
+    /// Factor applied to the prior's weights at each of signed Adam's step decays (1: a constant
+    /// prior; L-BFGS keeps it constant). Below 1 the prior shapes the early iterations and gives way
+    /// to the gradient later (loss scheduling, as GradViT does). Default 0.1: on the 8 sin-cos IHC
+    /// tiles (tiny ViT, batch 1, 400 iterations, 2 restarts) it raised every tile, mean PSNR
+    /// 21.18 -> 21.84 dB and SSIM 0.33 -> 0.38; 0.03 was worse than 0.1 on the two tiles tried.
+    pub prior_decay: f64,
     /// Seed of the random initial images.
     pub seed: u64,
     /// How the input gradient of the matching objective is computed.
@@ -135,6 +141,7 @@ impl Default for InvertingGradientsConfig {
             tv_weight: 1e-3,
             opponent_tv_weight: 0.0,
             patch_weight: 0.0,
+            prior_decay: 0.1,
             seed: 0,
             input_gradient: InputGradient::CentralDifference,
             loss: MatchingLoss::Cosine,
@@ -875,7 +882,15 @@ fn signed_adam(
     for step in 1..=config.iterations {
         let (objective, images, logits) = matcher.evaluate(&candidate(&parts))?;
         last = objective;
-        let lr = config.lr * 0.1f64.powi(milestones.iter().filter(|&&s| step > s).count() as i32);
+        let decays = milestones.iter().filter(|&&s| step > s).count() as i32;
+        let lr = config.lr * 0.1f64.powi(decays);
+        // The matcher's gradient holds the prior at full weight: take back what has decayed.
+        let prior_kept = config.prior_decay.powi(decays);
+        let images = if prior_kept < 1.0 && matcher.prior.is_active() {
+            (images - (matcher.prior.gradient(&parts[0])? * (1.0 - prior_kept))?)?
+        } else {
+            images
+        };
         for (k, grad) in std::iter::once(images).chain(logits).enumerate() {
             let grad = grad.sign()?;
             m[k] = ((&m[k] * beta1)? + (&grad * (1.0 - beta1))?)?;

@@ -1,6 +1,6 @@
 //! What a party observes of a federated round.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::model::ParamMap;
 
@@ -74,6 +74,55 @@ pub struct UpdateView<'a> {
 }
 
 impl Observation {
+    /// The same observation with its tensors converted to `dtype`: an attacker may simulate updates
+    /// in higher precision than the clients computed them.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use fedleak_attacks::{Observation, ParamMap, UpdateSource};
+    /// let update = ParamMap::from([("w".to_string(), Tensor::new(&[1f32, 2.], &Device::Cpu)?)]);
+    /// let observation = Observation::ClientUpdate { update, source: UpdateSource::Gradient, batch_size: 1 };
+    /// let Observation::ClientUpdate { update, .. } = observation.to_dtype(DType::F64)? else { unreachable!() };
+    /// assert_eq!(update["w"].dtype(), DType::F64);
+    /// # Ok::<(), fedleak_attacks::AttackError>(())
+    /// ```
+    pub fn to_dtype(&self, dtype: DType) -> Result<Observation, crate::AttackError> {
+        let convert = |update: &ParamMap| -> Result<ParamMap, crate::AttackError> {
+            update
+                .iter()
+                .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
+                .collect()
+        };
+        Ok(match self {
+            Observation::ClientUpdate {
+                update,
+                source,
+                batch_size,
+            } => Observation::ClientUpdate {
+                update: convert(update)?,
+                source: source.clone(),
+                batch_size: *batch_size,
+            },
+            Observation::Aggregate {
+                update,
+                source,
+                clients,
+                batch_size,
+            } => Observation::Aggregate {
+                update: convert(update)?,
+                source: source.clone(),
+                clients: *clients,
+                batch_size: *batch_size,
+            },
+            Observation::Features { features } => Observation::Features {
+                features: features.to_dtype(dtype)?,
+            },
+            Observation::Ciphertext { description } => Observation::Ciphertext {
+                description: description.clone(),
+            },
+        })
+    }
+
     /// The observed update, or, for features and ciphertext, why there is none (the reason an
     /// update-reading attack reports as "not applicable").
     ///

@@ -38,6 +38,20 @@ impl Checkpoint {
             VarBuilder::from_tensors(map, dtype, &device),
         )?)
     }
+
+    /// The same checkpoint with every tensor converted to `dtype` (e.g. f64 for an attacker who
+    /// simulates updates in double precision).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Checkpoint> {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        Ok(Checkpoint {
+            config: self.config.clone(),
+            tensors,
+        })
+    }
 }
 
 fn first_dtype_device(tensors: &BTreeMap<String, Tensor>) -> Result<(DType, Device)> {
