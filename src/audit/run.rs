@@ -354,8 +354,10 @@ fn run_attack(
             let base = if kind == AttackKind::Dlg {
                 InvertingGradientsConfig::dlg()
             } else {
+                let images = observation.update_view().map_or(1, |view| view.images);
                 InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight,
+                    prior_decay: InvertingGradientsConfig::default_prior_decay(images),
                     ..InvertingGradientsConfig::default()
                 }
             };

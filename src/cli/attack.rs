@@ -90,9 +90,10 @@ pub struct AttackArgs {
     /// Weight of GradViT's patch-border prior (0 switches it off).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().patch_weight, value_parser = non_negative_weight)]
     pub patch_weight: f64,
-    /// Factor applied to the prior weights at each step decay of signed Adam (1: constant prior).
-    #[arg(long, default_value_t = InvertingGradientsConfig::default().prior_decay, value_parser = unit_interval)]
-    pub prior_decay: f64,
+    /// Factor applied to the prior weights at each step decay of signed Adam (1: constant prior)
+    /// [default: 0.1 for one image, 1 for a batch or an aggregate, which need the prior to the end].
+    #[arg(long, value_parser = unit_interval)]
+    pub prior_decay: Option<f64>,
     /// For `dlg` and `ig`: optimise soft labels jointly with the images from random logits, as the
     /// original DLG does, instead of recovering the labels first (iDLG, label counts). Exact
     /// double-backward gradients; the reported labels are the argmax of the optimised ones.
@@ -228,7 +229,6 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             tv_weight: args.tv_weight,
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
-            prior_decay: args.prior_decay,
             ..match args.optimizer {
                 OptimizerArg::SignedAdam => InvertingGradientsConfig::default(),
                 OptimizerArg::Lbfgs => InvertingGradientsConfig {
@@ -244,6 +244,9 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         iterations: args
             .iterations
             .unwrap_or_else(|| InvertingGradientsConfig::default_iterations(images)),
+        prior_decay: args
+            .prior_decay
+            .unwrap_or_else(|| InvertingGradientsConfig::default_prior_decay(images)),
         restarts: args.restarts,
         restart_workers: args.concurrent_restarts(),
         seed: global.seed(),
