@@ -65,7 +65,7 @@ pub struct AttackArgs {
     /// The attack.
     #[arg(long, value_enum, default_value_t = AttackArg::Auto)]
     pub attack: AttackArg,
-    /// Optimisation iterations per restart [default: 400 for one image, 1000 for a batch or an
+    /// Optimisation iterations per restart [default: 400 for one image, 2000 for a batch or an
     /// aggregate, which keep improving longer].
     #[arg(long)]
     pub iterations: Option<usize>,
