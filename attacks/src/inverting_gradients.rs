@@ -405,9 +405,22 @@ impl<'a> GradientMatcher<'a> {
 
     /// The matching objective (without the prior) and the input gradient of matching + prior.
     pub fn objective_and_gradient(&self, images: &Tensor) -> Result<(f64, Tensor)> {
+        self.objective_and_gradient_under(images, &self.prior)
+    }
+
+    /// [`GradientMatcher::objective_and_gradient`] with `prior` in place of the matcher's own (a
+    /// prior schedule's current weights).
+    fn objective_and_gradient_under(
+        &self,
+        images: &Tensor,
+        prior: &ImagePrior,
+    ) -> Result<(f64, Tensor)> {
         match self.input_gradient {
-            InputGradient::CentralDifference => self.central_difference(images),
-            InputGradient::DoubleBackward => self.double_backward(images),
+            InputGradient::CentralDifference => self.central_difference(images, prior),
+            InputGradient::DoubleBackward => {
+                let (objective, gradient, _) = self.exact_gradients(images, None, prior)?;
+                Ok((objective, gradient))
+            }
         }
     }
 
@@ -415,7 +428,7 @@ impl<'a> GradientMatcher<'a> {
     /// simulated gradient, two for the Hessian-vector product. For an unrolled delta of S local steps:
     /// S passes forward through the steps, then an adjoint sweep back through them with two passes per
     /// step, each giving the step's mixed (input) and parameter Hessian-vector products at once.
-    fn central_difference(&self, images: &Tensor) -> Result<(f64, Tensor)> {
+    fn central_difference(&self, images: &Tensor, prior: &ImagePrior) -> Result<(f64, Tensor)> {
         let images = images.detach();
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
@@ -449,7 +462,7 @@ impl<'a> GradientMatcher<'a> {
         let (objective, direction, scale) = self.objective_and_direction(&simulated)?;
         // Parameter-sized: not needed once the direction is known (a ViT-B/16 update is 344 MB).
         drop(simulated);
-        let prior = self.prior.gradient(&images)?;
+        let prior = prior.gradient(&images)?;
         let matching_gradient = match lr {
             None => {
                 self.hessian_products(&trajectory[0], &direction, &images, false)?
@@ -645,31 +658,31 @@ impl<'a> GradientMatcher<'a> {
         Ok((input, parameters))
     }
 
-    /// The matching objective and the gradients of matching + prior at a candidate.
-    fn evaluate(&self, candidate: &Candidate) -> Result<(f64, Tensor, Option<Tensor>)> {
+    /// The matching objective and the gradients of matching + `prior` at a candidate.
+    fn evaluate(
+        &self,
+        candidate: &Candidate,
+        prior: &ImagePrior,
+    ) -> Result<(f64, Tensor, Option<Tensor>)> {
         match &candidate.label_logits {
             None => {
-                let (objective, gradient) = self.objective_and_gradient(&candidate.images)?;
+                let (objective, gradient) =
+                    self.objective_and_gradient_under(&candidate.images, prior)?;
                 Ok((objective, gradient, None))
             }
             // Joint label optimisation needs the logits' gradient: exact double backward.
-            Some(logits) => self.exact_gradients(&candidate.images, Some(logits)),
+            Some(logits) => self.exact_gradients(&candidate.images, Some(logits), prior),
         }
     }
 
-    /// [`InputGradient::DoubleBackward`]: the exact second-order gradient.
-    fn double_backward(&self, images: &Tensor) -> Result<(f64, Tensor)> {
-        let (objective, gradient, _) = self.exact_gradients(images, None)?;
-        Ok((objective, gradient))
-    }
-
-    /// The matching objective and the exact (double-backward) gradients of matching + prior with
+    /// The matching objective and the exact (double-backward) gradients of matching + `prior` with
     /// respect to the images and, for joint label optimisation, to the label logits (B x classes;
     /// the soft labels are their row-wise softmax).
     fn exact_gradients(
         &self,
         images: &Tensor,
         label_logits: Option<&Tensor>,
+        prior: &ImagePrior,
     ) -> Result<(f64, Tensor, Option<Tensor>)> {
         if !crate::second_order_gradients_enabled() {
             return Err(AttackError::SecondOrderDisabled {
@@ -684,8 +697,8 @@ impl<'a> GradientMatcher<'a> {
             }
             None => self.matching(x.as_tensor())?,
         };
-        let objective = if self.prior.is_active() {
-            (&matching + self.prior.value(x.as_tensor())?)?
+        let objective = if prior.is_active() {
+            (&matching + prior.value(x.as_tensor())?)?
         } else {
             matching.clone()
         };
@@ -903,17 +916,11 @@ fn signed_adam(
         label_logits: parts.get(1).cloned(),
     };
     for step in 1..=config.iterations {
-        let (objective, images, logits) = matcher.evaluate(&candidate(&parts))?;
-        last = objective;
         let decays = milestones.iter().filter(|&&s| step > s).count() as i32;
+        let prior = matcher.prior.scaled(config.prior_decay.powi(decays));
+        let (objective, images, logits) = matcher.evaluate(&candidate(&parts), &prior)?;
+        last = objective;
         let lr = config.lr * 0.1f64.powi(decays);
-        // The matcher's gradient holds the prior at full weight: take back what has decayed.
-        let prior_kept = config.prior_decay.powi(decays);
-        let images = if prior_kept < 1.0 && matcher.prior.is_active() {
-            (images - (matcher.prior.gradient(&parts[0])? * (1.0 - prior_kept))?)?
-        } else {
-            images
-        };
         for (k, grad) in std::iter::once(images).chain(logits).enumerate() {
             let grad = grad.sign()?;
             m[k] = ((&m[k] * beta1)? + (&grad * (1.0 - beta1))?)?;
@@ -973,7 +980,7 @@ fn lbfgs(
         |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
     let evaluate = |values: &[f64]| -> Result<Evaluation> {
         let candidate = to_candidate(values)?;
-        let (matching, images, logits) = matcher.evaluate(&candidate)?;
+        let (matching, images, logits) = matcher.evaluate(&candidate, &matcher.prior)?;
         let prior = if matcher.prior.is_active() {
             matcher
                 .prior

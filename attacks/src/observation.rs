@@ -87,40 +87,17 @@ impl Observation {
     /// # Ok::<(), fedleak_attacks::AttackError>(())
     /// ```
     pub fn to_dtype(&self, dtype: DType) -> Result<Observation, crate::AttackError> {
-        let convert = |update: &ParamMap| -> Result<ParamMap, crate::AttackError> {
-            update
-                .iter()
-                .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
-                .collect()
-        };
-        Ok(match self {
-            Observation::ClientUpdate {
-                update,
-                source,
-                batch_size,
-            } => Observation::ClientUpdate {
-                update: convert(update)?,
-                source: source.clone(),
-                batch_size: *batch_size,
-            },
-            Observation::Aggregate {
-                update,
-                source,
-                clients,
-                batch_size,
-            } => Observation::Aggregate {
-                update: convert(update)?,
-                source: source.clone(),
-                clients: *clients,
-                batch_size: *batch_size,
-            },
-            Observation::Features { features } => Observation::Features {
-                features: features.to_dtype(dtype)?,
-            },
-            Observation::Ciphertext { description } => Observation::Ciphertext {
-                description: description.clone(),
-            },
-        })
+        let mut converted = self.clone();
+        match &mut converted {
+            Observation::ClientUpdate { update, .. } | Observation::Aggregate { update, .. } => {
+                for tensor in update.values_mut() {
+                    *tensor = tensor.to_dtype(dtype)?;
+                }
+            }
+            Observation::Features { features } => *features = features.to_dtype(dtype)?,
+            Observation::Ciphertext { .. } => {}
+        }
+        Ok(converted)
     }
 
     /// The observed update, or, for features and ciphertext, why there is none (the reason an

@@ -36,6 +36,22 @@ impl ImagePrior {
             || (self.patch_weight > 0.0 && self.patch_size > 1)
     }
 
+    /// The same prior with every weight multiplied by `factor` (a prior schedule's current weights).
+    ///
+    /// ```
+    /// let prior = fedleak_attacks::ImagePrior { tv_weight: 1e-3, patch_weight: 1e-2, patch_size: 4, ..Default::default() };
+    /// let half = prior.scaled(0.5);
+    /// assert_eq!((half.tv_weight, half.patch_weight, half.patch_size), (5e-4, 5e-3, 4));
+    /// ```
+    pub fn scaled(&self, factor: f64) -> ImagePrior {
+        ImagePrior {
+            tv_weight: self.tv_weight * factor,
+            opponent_tv_weight: self.opponent_tv_weight * factor,
+            patch_weight: self.patch_weight * factor,
+            patch_size: self.patch_size,
+        }
+    }
+
     /// The prior's value for images (B x C x H x W), differentiable with respect to them.
     pub fn value(&self, images: &Tensor) -> Result<Tensor> {
         let mut total = Tensor::zeros((), images.dtype(), images.device())?;

@@ -42,15 +42,11 @@ impl Checkpoint {
     /// The same checkpoint with every tensor converted to `dtype` (e.g. f64 for an attacker who
     /// simulates updates in double precision).
     pub fn to_dtype(&self, dtype: DType) -> Result<Checkpoint> {
-        let tensors = self
-            .tensors
-            .iter()
-            .map(|(name, t)| Ok((name.clone(), t.to_dtype(dtype)?)))
-            .collect::<Result<_>>()?;
-        Ok(Checkpoint {
-            config: self.config.clone(),
-            tensors,
-        })
+        let mut converted = self.clone();
+        for tensor in converted.tensors.values_mut() {
+            *tensor = tensor.to_dtype(dtype)?;
+        }
+        Ok(converted)
     }
 }
 
