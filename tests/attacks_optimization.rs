@@ -185,7 +185,12 @@ fn matching_gradient_of_an_unrolled_two_step_sgd_delta_matches_finite_difference
 
 #[test]
 fn central_difference_input_gradient_agrees_with_the_exact_double_backward_in_f64() {
-    check_central_difference(None);
+    check_finite_difference(None, InputGradient::CentralDifference);
+}
+
+#[test]
+fn forward_difference_input_gradient_agrees_with_the_exact_double_backward_in_f64() {
+    check_finite_difference(None, InputGradient::ForwardDifference);
 }
 
 #[test]
@@ -194,12 +199,20 @@ fn adjoint_central_difference_through_four_sgd_steps_agrees_with_the_exact_doubl
     // A large step size, so the parameters move enough between steps that the adjoint's parameter
     // Hessian products matter: without them (the input products at each step only) the cosine here
     // drops to 0.09.
-    check_central_difference(Some((0.5, 4)));
+    check_finite_difference(Some((0.5, 4)), InputGradient::CentralDifference);
 }
 
-/// The central-difference input gradient (for an unrolled delta: the adjoint sweep) against the
-/// exact double backward through candle, for both position-embedding kinds, on three images.
-fn check_central_difference(unroll: Option<(f64, usize)>) {
+#[test]
+fn adjoint_forward_difference_through_four_sgd_steps_agrees_with_the_exact_double_backward_in_f64()
+{
+    // As above: the parameter products come from one pass at theta_s + eps a against the gradient
+    // the forward sweep took at theta_s.
+    check_finite_difference(Some((0.5, 4)), InputGradient::ForwardDifference);
+}
+
+/// A finite-difference input gradient (for an unrolled delta: the adjoint sweep) against the exact
+/// double backward through candle, for both position-embedding kinds, on three images.
+fn check_finite_difference(unroll: Option<(f64, usize)>, difference: InputGradient) {
     enable_second_order_gradients();
     // Cosine only: for DLG's squared-L2 loss the same step gave cosine 0.984 here, below the bar, so
     // `InvertingGradientsConfig::dlg` uses the exact double backward.
@@ -226,16 +239,9 @@ fn check_central_difference(unroll: Option<(f64, usize)>) {
         )
         .unwrap()
         .with_loss(loss);
-        let approx = GradientMatcher::new(
-            &model,
-            &observed,
-            unroll,
-            Some(&[2]),
-            prior,
-            InputGradient::CentralDifference,
-        )
-        .unwrap()
-        .with_loss(loss);
+        let approx = GradientMatcher::new(&model, &observed, unroll, Some(&[2]), prior, difference)
+            .unwrap()
+            .with_loss(loss);
         for seed in [2, 3, 4] {
             let x = image(&cfg, seed);
             let (objective_a, a) = exact.objective_and_gradient(&x).unwrap();
@@ -245,14 +251,14 @@ fn check_central_difference(unroll: Option<(f64, usize)>) {
             let dot: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();
             let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
             let cosine = dot / (norm(&a) * norm(&b));
-            println!("{position:?} {loss:?} {unroll:?} seed {seed}: cosine {cosine:.8}, objectives {objective_a:.6e} / {objective_b:.6e}");
+            println!("{position:?} {difference:?} {unroll:?} seed {seed}: cosine {cosine:.8}, objectives {objective_a:.6e} / {objective_b:.6e}");
             assert!(
                 (objective_a - objective_b).abs() <= 1e-12 * objective_a.abs().max(1.0),
                 "same objective"
             );
             assert!(
                 cosine >= 0.999,
-                "{position:?} {unroll:?}: central difference vs double backward cosine {cosine}"
+                "{position:?} {unroll:?}: {difference:?} vs double backward cosine {cosine}"
             );
         }
     }

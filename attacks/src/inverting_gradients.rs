@@ -5,8 +5,8 @@
 //! prior on x'. Optimiser: Adam on the image with *signed* gradients, step decay at 3/8, 5/8 and 7/8 of
 //! the iterations, box constraint [0, 1] after every step. Several random restarts; the one with the
 //! lowest *matching objective* is returned — the attack never sees ground truth. The input gradient of the
-//! objective is a central-difference Hessian-vector product of first-order passes by default, or the
-//! exact second-order gradient through candle's autograd (`CANDLE_GRAD_DO_NOT_DETACH`); see
+//! objective is a forward-difference Hessian-vector product of first-order passes by default (a
+//! central difference on request), or the exact second-order gradient through candle's autograd (`CANDLE_GRAD_DO_NOT_DETACH`); see
 //! [`InputGradient`].
 //!
 //! For a FedAvg weight delta from local SGD, the client's local steps are unrolled with the known
@@ -127,6 +127,11 @@ pub enum InputGradient {
     /// first-order passes. Checked against the exact double backward in tests (cosine >= 0.999 in
     /// f64, for a gradient and for an unrolled delta).
     CentralDifference,
+    /// As [`InputGradient::CentralDifference`], but one-sided: grad_x = (grad_x L(x, theta + eps u) -
+    /// grad_x L(x, theta)) / eps, where the second term comes from the pass that simulates the
+    /// update (it also takes the input gradient). Two first-order passes (2S for S local steps), the
+    /// second without parameter gradients; first-order accurate in eps instead of second-order.
+    ForwardDifference,
 }
 
 impl Default for InvertingGradientsConfig {
@@ -142,7 +147,7 @@ impl Default for InvertingGradientsConfig {
             patch_weight: 0.0,
             prior_decay: 1.0,
             seed: 0,
-            input_gradient: InputGradient::CentralDifference,
+            input_gradient: InputGradient::ForwardDifference,
             loss: MatchingLoss::Cosine,
         }
     }
@@ -239,6 +244,28 @@ pub struct GradientMatcher<'a> {
 
 /// Relative step of the central difference: eps * |u| = this fraction of |theta|.
 const CENTRAL_DIFFERENCE_STEP: f64 = 1e-3;
+
+/// Relative step of the forward difference in f32 (as [`CENTRAL_DIFFERENCE_STEP`]). On a real IHC
+/// tile's f32 gradient (vit-micro-32, sin-cos), against the exact double backward in f64, at a random
+/// image and near the true one: cosine 0.99983-0.99991 at 1e-2, 0.999997-0.999999 at 1e-3 and
+/// 3e-4, 0.99998 at 1e-4 (rounding takes over).
+const FORWARD_DIFFERENCE_STEP: f64 = 1e-3;
+
+/// Relative step of the forward difference in f64, where rounding allows a smaller step: on the
+/// finite-difference test's model (weights scaled away from the linear regime) the worst cosine
+/// against the exact double backward is 0.9985 at 1e-3, 0.9999998 at 1e-5, 0.99998 at 1e-6.
+const FORWARD_DIFFERENCE_STEP_F64: f64 = 1e-5;
+
+/// A point of the finite-difference sweep: parameters at which Hessian-vector products are taken,
+/// with (forward difference only) the first-order gradients there that the products are
+/// differences from.
+struct SweepPoint {
+    theta: Vec<Tensor>,
+    /// The input gradient of the training loss at `theta`.
+    input: Option<Tensor>,
+    /// The parameter gradient at `theta`, kept when the sweep needs parameter products there.
+    gradient: Option<Vec<Tensor>>,
+}
 
 impl<'a> GradientMatcher<'a> {
     /// A matcher for `observed` (a gradient when `unroll` is `None`, else an SGD weight delta of
@@ -416,7 +443,9 @@ impl<'a> GradientMatcher<'a> {
         prior: &ImagePrior,
     ) -> Result<(f64, Tensor)> {
         match self.input_gradient {
-            InputGradient::CentralDifference => self.central_difference(images, prior),
+            InputGradient::CentralDifference | InputGradient::ForwardDifference => {
+                self.finite_difference(images, prior)
+            }
             InputGradient::DoubleBackward => {
                 let (objective, gradient, _) = self.exact_gradients(images, None, prior)?;
                 Ok((objective, gradient))
@@ -424,32 +453,48 @@ impl<'a> GradientMatcher<'a> {
         }
     }
 
-    /// [`InputGradient::CentralDifference`]: first-order passes only. For a gradient: one pass for the
-    /// simulated gradient, two for the Hessian-vector product. For an unrolled delta of S local steps:
-    /// S passes forward through the steps, then an adjoint sweep back through them with two passes per
+    /// [`InputGradient::CentralDifference`] and [`InputGradient::ForwardDifference`]: first-order
+    /// passes only. For a gradient: one pass for the simulated gradient, then one (forward) or two
+    /// (central) for the Hessian-vector product. For an unrolled delta of S local steps: S passes
+    /// forward through the steps, then an adjoint sweep back through them with one or two passes per
     /// step, each giving the step's mixed (input) and parameter Hessian-vector products at once.
-    fn central_difference(&self, images: &Tensor, prior: &ImagePrior) -> Result<(f64, Tensor)> {
+    fn finite_difference(&self, images: &Tensor, prior: &ImagePrior) -> Result<(f64, Tensor)> {
+        let forward = self.input_gradient == InputGradient::ForwardDifference;
         let images = images.detach();
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-        // The parameters before each local step, and the simulated update.
+        // The parameters before each local step (with, for a forward difference, the input and
+        // parameter gradients there), and the simulated update.
         let (trajectory, simulated, lr) = match self.unroll {
             None => {
-                let gradient = self.parameter_gradient(&start, &images)?;
-                (vec![start], gradient, None)
+                let (input, gradient) = self.first_order(&start, &images, forward, true)?;
+                let gradient = gradient.unwrap_or_default();
+                // One image-sized tensor: the parameter gradient itself is not a base here (no
+                // parameter products for a single gradient).
+                let point = SweepPoint {
+                    theta: start,
+                    input,
+                    gradient: None,
+                };
+                (vec![point], gradient, None)
             }
             Some((lr, steps)) => {
                 // The delta is taken as theta_S - theta_0, as the client computes it.
                 let mut trajectory = Vec::with_capacity(steps);
                 let mut current = start.clone();
                 for _ in 0..steps {
-                    let step: Vec<Tensor> = self
-                        .parameter_gradient(&current, &images)?
+                    let (input, gradient) = self.first_order(&current, &images, forward, true)?;
+                    let gradient = gradient.unwrap_or_default();
+                    let step: Vec<Tensor> = gradient
                         .iter()
                         .map(|g| g * -lr)
                         .collect::<candle_core::Result<_>>()?;
                     let next = add_all(&current, &step)?;
-                    trajectory.push(std::mem::replace(&mut current, next));
+                    trajectory.push(SweepPoint {
+                        theta: std::mem::replace(&mut current, next),
+                        input,
+                        gradient: forward.then_some(gradient),
+                    });
                 }
                 let delta: Vec<Tensor> = current
                     .iter()
@@ -473,9 +518,9 @@ impl<'a> GradientMatcher<'a> {
                 // a_s = a_{s+1} - lr H_theta(theta_s) a_{s+1}.
                 let mut adjoint = direction;
                 let mut total = images.zeros_like()?;
-                for (step, theta) in trajectory.iter().enumerate().rev() {
+                for (step, point) in trajectory.iter().enumerate().rev() {
                     let (input, parameters) =
-                        self.hessian_products(theta, &adjoint, &images, step > 0)?;
+                        self.hessian_products(point, &adjoint, &images, step > 0)?;
                     total = (total + (input * -lr)?)?;
                     if let Some(parameters) = parameters {
                         let scaled: Vec<Tensor> = parameters
@@ -510,15 +555,6 @@ impl<'a> GradientMatcher<'a> {
             .loss(&self.params_with(&tensors), images, soft_labels)?
             .backward()?;
         variable_gradients(&grads, &vars)
-    }
-
-    /// [`GradientMatcher::loss_gradient`] under the matcher's labels, detached from the graph.
-    fn parameter_gradient(&self, theta: &[Tensor], images: &Tensor) -> Result<Vec<Tensor>> {
-        Ok(self
-            .loss_gradient(theta, images, self.known_labels()?)?
-            .iter()
-            .map(Tensor::detach)
-            .collect())
     }
 
     /// The objective and u = dObjective/d(simulated update), per tensor, in closed form, and the
@@ -572,17 +608,68 @@ impl<'a> GradientMatcher<'a> {
         Ok((objective, direction, scale))
     }
 
-    /// Hessian-vector products of the training loss at parameters `theta` along `vector`, by central
-    /// difference: the input part d/dx <grad_theta L, vector> and, when `with_parameters`, the
-    /// parameter part H_theta vector, both from the same two first-order passes at
-    /// theta +/- eps vector.
-    fn hessian_products(
+    /// One first-order pass of the training loss at parameters `theta` under the matcher's labels:
+    /// the input gradient when `with_input`, the parameter gradient when `with_parameters` (both
+    /// detached; a pass without parameter gradients computes none of the weight products).
+    fn first_order(
         &self,
         theta: &[Tensor],
+        images: &Tensor,
+        with_input: bool,
+        with_parameters: bool,
+    ) -> Result<(Option<Tensor>, Option<Vec<Tensor>>)> {
+        let vars: Vec<Var> = if with_parameters {
+            theta
+                .iter()
+                .map(Var::from_tensor)
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let tensors: Vec<Tensor> = if with_parameters {
+            vars.iter().map(|v| v.as_tensor().clone()).collect()
+        } else {
+            theta.to_vec()
+        };
+        let x = if with_input {
+            Var::from_tensor(images)?.as_tensor().clone()
+        } else {
+            images.clone()
+        };
+        let grads = self
+            .model
+            .loss(&self.params_with(&tensors), &x, self.known_labels()?)?
+            .backward()?;
+        let input = with_input
+            .then(|| {
+                grads
+                    .get(&x)
+                    .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))
+            })
+            .transpose()?;
+        let parameters = with_parameters
+            .then(|| -> Result<Vec<Tensor>> {
+                Ok(variable_gradients(&grads, &vars)?
+                    .iter()
+                    .map(Tensor::detach)
+                    .collect())
+            })
+            .transpose()?;
+        Ok((input, parameters))
+    }
+
+    /// Hessian-vector products of the training loss at a sweep point along `vector`, by finite
+    /// difference: the input part d/dx <grad_theta L, vector> and, when `with_parameters`, the
+    /// parameter part H_theta vector, both from the same first-order passes: at theta + eps vector
+    /// against the point's own gradients (forward), or at theta +/- eps vector (central).
+    fn hessian_products(
+        &self,
+        point: &SweepPoint,
         vector: &[Tensor],
         images: &Tensor,
         with_parameters: bool,
     ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
+        let theta = &point.theta;
         let (mut vector_norm, mut theta_norm) = (0f64, 0f64);
         for (v, t) in vector.iter().zip(theta) {
             vector_norm += v
@@ -605,55 +692,41 @@ impl<'a> GradientMatcher<'a> {
             };
             return Ok((images.zeros_like()?, parameters));
         }
-        let eps = CENTRAL_DIFFERENCE_STEP * theta_norm.max(1.0) / vector_norm;
-        let labels = self.known_labels()?;
-        let gradients_at = |sign: f64| -> Result<(Tensor, Vec<Tensor>)> {
+        let base = match (&point.input, &point.gradient, with_parameters) {
+            (Some(input), _, false) => Some((input.clone(), None)),
+            (Some(input), Some(gradient), true) => Some((input.clone(), Some(gradient.clone()))),
+            _ => None,
+        };
+        let relative_step = match (&base, self.dtype) {
+            (None, _) => CENTRAL_DIFFERENCE_STEP,
+            (Some(_), DType::F64) => FORWARD_DIFFERENCE_STEP_F64,
+            (Some(_), _) => FORWARD_DIFFERENCE_STEP,
+        };
+        let eps = relative_step * theta_norm.max(1.0) / vector_norm;
+        let gradients_at = |sign: f64| -> Result<(Tensor, Option<Vec<Tensor>>)> {
             let shifted: Vec<Tensor> = theta
                 .iter()
                 .zip(vector)
                 .map(|(t, v)| t + (v * (sign * eps))?)
                 .collect::<candle_core::Result<_>>()?;
-            let vars: Vec<Var> = if with_parameters {
-                shifted
-                    .iter()
-                    .map(Var::from_tensor)
-                    .collect::<candle_core::Result<_>>()?
-            } else {
-                Vec::new()
-            };
-            let tensors: Vec<Tensor> = if with_parameters {
-                vars.iter().map(|v| v.as_tensor().clone()).collect()
-            } else {
-                shifted
-            };
-            let x = Var::from_tensor(images)?;
-            let grads = self
-                .model
-                .loss(&self.params_with(&tensors), x.as_tensor(), labels)?
-                .backward()?;
-            let input = grads
-                .get(x.as_tensor())
-                .map_or_else(|| images.zeros_like(), |g| Ok(g.detach()))?;
-            let parameters = variable_gradients(&grads, &vars)?
-                .iter()
-                .map(Tensor::detach)
-                .collect();
-            Ok((input, parameters))
+            let (input, parameters) = self.first_order(&shifted, images, true, with_parameters)?;
+            Ok((input.unwrap_or(images.zeros_like()?), parameters))
         };
         let (input_plus, parameters_plus) = gradients_at(1.0)?;
-        let (input_minus, parameters_minus) = gradients_at(-1.0)?;
-        let half = 1.0 / (2.0 * eps);
-        let input = ((input_plus - input_minus)? * half)?;
-        let parameters = if with_parameters {
-            Some(
-                parameters_plus
-                    .iter()
-                    .zip(&parameters_minus)
-                    .map(|(p, m)| (p - m)? * half)
+        let ((input_minus, parameters_minus), step) = match base {
+            Some(base) => (base, eps),
+            None => (gradients_at(-1.0)?, 2.0 * eps),
+        };
+        let inverse = 1.0 / step;
+        let input = ((input_plus - input_minus)? * inverse)?;
+        let parameters = match (parameters_plus, parameters_minus) {
+            (Some(plus), Some(minus)) => Some(
+                plus.iter()
+                    .zip(&minus)
+                    .map(|(p, m)| (p - m)? * inverse)
                     .collect::<candle_core::Result<_>>()?,
-            )
-        } else {
-            None
+            ),
+            _ => None,
         };
         Ok((input, parameters))
     }

@@ -22,9 +22,11 @@ use super::{select_device, GlobalArgs};
 pub enum StepArg {
     /// One first-order forward + backward of the cross-entropy (a local training step's gradient).
     Train,
-    /// One Inverting-Gradients step as fedleak runs it: the matching objective and its input gradient
-    /// by the central-difference Hessian-vector product (three first-order passes).
+    /// One Inverting-Gradients step by a forward-difference Hessian-vector product: the matching
+    /// objective and its input gradient from two first-order passes.
     Attack,
+    /// The same step by a central difference (three first-order passes).
+    AttackCentral,
     /// The same step with the exact double backward, as the reference computes it.
     AttackExact,
 }
@@ -86,7 +88,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     // Each step builds only what it needs: ViT-B/16 parameters are 344 MB a copy.
     let times = match args.step {
         StepArg::Train => time_train(&args, checkpoint, &images, &labels)?,
-        StepArg::Attack | StepArg::AttackExact => {
+        StepArg::Attack | StepArg::AttackCentral | StepArg::AttackExact => {
             let guess: Vec<f32> = (0..args.batch * 3 * side * side)
                 .map(|_| rng.random())
                 .collect();
@@ -109,7 +111,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     };
     let metric = match args.step {
         StepArg::Train => "fwd_bwd1_median_ms",
-        StepArg::Attack | StepArg::AttackExact => "attack_iter_median_ms",
+        StepArg::Attack | StepArg::AttackCentral | StepArg::AttackExact => "attack_iter_median_ms",
     };
     println!(
         "RESULT impl=fedleak model={model_name} batch={} iters={} {metric}={median:.2} all={:?}",
@@ -221,7 +223,8 @@ fn time_attack(
     };
     let input_gradient = match args.step {
         StepArg::AttackExact => InputGradient::DoubleBackward,
-        _ => InputGradient::CentralDifference,
+        StepArg::AttackCentral => InputGradient::CentralDifference,
+        _ => InputGradient::ForwardDifference,
     };
     let matcher = GradientMatcher::new(
         target_model,

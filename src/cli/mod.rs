@@ -30,7 +30,7 @@ impl Args {
     /// runs DLG, and sweeps (whose runs may). candle then keeps the graph of *every* backward pass alive
     /// until its gradients are dropped, which multiplies the memory of first-order passes (ViT-B/16
     /// attack step: 6.8 GB peak with it, see the bench README), so training, labels, the closed form
-    /// and the central-difference attack step run without it.
+    /// and the finite-difference attack steps run without it.
     pub fn needs_second_order_gradients(&self) -> bool {
         match &self.command {
             Command::Attack(a) => a.needs_second_order_gradients(),
