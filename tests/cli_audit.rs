@@ -297,3 +297,57 @@ fn missing_config_file_is_named() {
     let out = fedleak(tmp.path(), &["audit", "--config", "nope.toml"]);
     assert_bad_input(&out, &["nope.toml"]);
 }
+
+#[test]
+fn an_f64_attacker_with_a_set_prior_decay_runs_and_is_recorded() {
+    // Only the plain scheme, one capture round, Inverting Gradients only.
+    let config = SMALL_AUDIT
+        .split("[[schemes]]")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("[[schemes]]")
+        .replace("capture_rounds = [1, 2]", "capture_rounds = [1]")
+        .replace(
+            "kinds = [\"april\", \"ig\"]",
+            "kinds = [\"ig\"]\nprecision = \"f64\"\nprior_decay = 0.5",
+        );
+    let tmp = tempfile::tempdir().unwrap();
+    let run = run_audit(tmp.path(), &config, "f64");
+    assert!(run.status.success(), "{}", util::stderr(&run));
+    let (header, rows) = read_csv(&tmp.path().join("f64").join("results.csv"));
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    assert!(!rows.is_empty());
+    for row in &rows {
+        assert_eq!(row[col("attack")], "ig");
+        let psnr: f64 = row[col("psnr_db")].parse().unwrap();
+        assert!(psnr.is_finite() && psnr > 0.0, "{psnr}");
+    }
+    let audit: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("f64").join("audit.json")).unwrap(),
+    )
+    .unwrap();
+    let attack = &audit["config"]["attack"];
+    assert_eq!(attack["precision"], "f64", "{attack}");
+    assert_eq!(attack["prior_decay"], 0.5, "{attack}");
+}
+
+#[test]
+fn bad_attack_settings_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (setting, named) in [
+        ("prior_decay = 2.0", "attack.prior_decay"),
+        ("tv_weight = -1.0", "attack.tv_weight"),
+        ("precision = \"f16\"", "precision"),
+    ] {
+        // The first `restarts = 1` closes the `[attack]` table.
+        let config =
+            SMALL_AUDIT.replacen("restarts = 1\n", &format!("restarts = 1\n{setting}\n"), 1);
+        assert!(config.contains(setting));
+        let out = run_audit(tmp.path(), &config, "bad");
+        assert_bad_input(&out, &[named]);
+        assert!(
+            !tmp.path().join("bad").exists(),
+            "{setting}: nothing written"
+        );
+    }
+}

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::observe::AttackPrecision;
 use crate::fl::FlConfig;
 use crate::model::PositionEmbeddingKind;
 use crate::schemes::SchemeConfig;
@@ -47,6 +48,11 @@ pub struct AttackSettings {
     pub restarts: usize,
     /// Inverting Gradients: weight of the total-variation prior.
     pub tv_weight: f64,
+    /// Inverting Gradients: factor on the image prior at each step decay, in [0, 1]; unset, the
+    /// attack's default for the observation (0.1 for one image, 1 for a batch or an aggregate).
+    pub prior_decay: Option<f64>,
+    /// Precision in which the attacker simulates the updates (`"f32"` or `"f64"`).
+    pub precision: AttackPrecision,
 }
 
 impl Default for AttackSettings {
@@ -57,6 +63,8 @@ impl Default for AttackSettings {
             iterations: 200,
             restarts: 1,
             tv_weight: fedleak_attacks::InvertingGradientsConfig::default().tv_weight,
+            prior_decay: None,
+            precision: AttackPrecision::F32,
         }
     }
 }
@@ -162,6 +170,20 @@ impl AuditConfig {
                 "attack.iterations",
                 "iterations and restarts must be at least 1",
                 "e.g. iterations = 200, restarts = 1",
+            ));
+        }
+        if let Some(decay) = self.attack.prior_decay.filter(|d| !(0.0..=1.0).contains(d)) {
+            return Err(bad(
+                "attack.prior_decay",
+                &format!("{decay} is not in [0, 1]"),
+                "e.g. prior_decay = 0.1 (the prior gives way), or 1 (constant); leave it out for the default",
+            ));
+        }
+        if !(self.attack.tv_weight >= 0.0 && self.attack.tv_weight.is_finite()) {
+            return Err(bad(
+                "attack.tv_weight",
+                &format!("{} is not a finite weight >= 0", self.attack.tv_weight),
+                "e.g. tv_weight = 1e-3",
             ));
         }
         if let Some(&c) = self.attack.clients.iter().find(|&&c| c >= self.fl.clients) {

@@ -9,7 +9,7 @@ mod run;
 pub mod sweep;
 
 pub use config::{AttackKind, AttackSettings, AuditConfig, VerdictThresholds, DEFAULT_AUDIT_TOML};
-pub use observe::{observation_of, private_images, PrivateImages};
+pub use observe::{attacker_view, observation_of, private_images, AttackPrecision, PrivateImages};
 pub use run::{
     run_audit, AuditOutcome, AuditProgress, Figure, ImageRow, SchemeVerdict, SummaryRow,
 };

@@ -12,7 +12,7 @@ use fedleak_metrics::{match_batch, score_pair, ImageDims};
 use serde::Serialize;
 
 use super::config::{AttackKind, AuditConfig};
-use super::observe::observation_of;
+use super::observe::attacker_view;
 use crate::data::{load_data, DataSpec, DataSplits};
 use crate::fl::{run_federated, Capture, FlConfig, FlObserver, RoundRecord};
 use crate::model::{init_parameters, load_checkpoint, Checkpoint, ModelPreset, VitTarget};
@@ -357,7 +357,10 @@ fn run_attack(
                 let images = observation.update_view().map_or(1, |view| view.images);
                 InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight,
-                    prior_decay: InvertingGradientsConfig::default_prior_decay(images),
+                    prior_decay: config
+                        .attack
+                        .prior_decay
+                        .unwrap_or_else(|| InvertingGradientsConfig::default_prior_decay(images)),
                     ..InvertingGradientsConfig::default()
                 }
             };
@@ -383,7 +386,11 @@ fn run_attack(
 }
 
 fn values_of(images: &Tensor, i: usize) -> Result<Vec<f32>> {
-    Ok(images.get(i)?.flatten_all()?.to_vec1::<f32>()?)
+    Ok(images
+        .get(i)?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?)
 }
 
 fn mean(values: &[f64]) -> Option<f64> {
@@ -605,8 +612,8 @@ pub fn run_audit(
                 if !applies {
                     continue;
                 }
-                let observation = observation_of(capture, device)?;
-                let target = VitTarget::new(&capture.global);
+                let (target, observation) =
+                    attacker_view(capture, config.attack.precision, device)?;
                 let private = private_batch(capture, &data, device)?;
                 for &kind in &config.attack.kinds {
                     progress.step(&format!(

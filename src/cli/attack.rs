@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use clap::ValueEnum;
-use fedleak::audit::{observation_of, private_images};
+use fedleak::audit::{attacker_view, private_images, AttackPrecision};
 use fedleak::fl::read_capture;
 use fedleak::model::VitTarget;
 use fedleak::report::{image_grid, write_png};
@@ -130,7 +130,7 @@ fn unit_interval(text: &str) -> std::result::Result<f64, String> {
 
 impl AttackArgs {
     /// Whether the attack takes exact second-order gradients: DLG, L-BFGS and joint labels do; the
-    /// default Inverting Gradients (central difference), the closed form, labels and the linear
+    /// default Inverting Gradients (forward difference), the closed form, labels and the linear
     /// attack are first-order only.
     pub fn needs_second_order_gradients(&self) -> bool {
         self.attack == AttackArg::Dlg || self.optimizer == OptimizerArg::Lbfgs || self.joint_labels
@@ -208,14 +208,11 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         .into());
     }
     let capture = read_capture(&args.capture, true, &device)?;
-    let observation = observation_of(&capture, &device)?;
-    let (target, observation) = match args.precision {
-        PrecisionArg::F32 => (VitTarget::new(&capture.global), observation),
-        PrecisionArg::F64 => (
-            VitTarget::new(&capture.global.to_dtype(DType::F64)?),
-            observation.to_dtype(DType::F64)?,
-        ),
+    let precision = match args.precision {
+        PrecisionArg::F32 => AttackPrecision::F32,
+        PrecisionArg::F64 => AttackPrecision::F64,
     };
+    let (target, observation) = attacker_view(&capture, precision, &device)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create `{}`", args.out.display()))?;
     match args.attack {
