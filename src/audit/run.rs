@@ -355,13 +355,11 @@ fn run_attack(
                 InvertingGradientsConfig::dlg()
             } else {
                 let images = observation.update_view().map_or(1, |view| view.images);
+                let for_images = InvertingGradientsConfig::for_images(images);
                 InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight,
-                    prior_decay: config
-                        .attack
-                        .prior_decay
-                        .unwrap_or_else(|| InvertingGradientsConfig::default_prior_decay(images)),
-                    ..InvertingGradientsConfig::default()
+                    prior_decay: config.attack.prior_decay.unwrap_or(for_images.prior_decay),
+                    ..for_images
                 }
             };
             match recover_labels(observation, target)? {

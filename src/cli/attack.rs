@@ -130,7 +130,7 @@ fn unit_interval(text: &str) -> std::result::Result<f64, String> {
 
 impl AttackArgs {
     /// Whether the attack takes exact second-order gradients: DLG, L-BFGS and joint labels do; the
-    /// default Inverting Gradients (forward difference), the closed form, labels and the linear
+    /// default Inverting Gradients (finite differences), the closed form, labels and the linear
     /// attack are first-order only.
     pub fn needs_second_order_gradients(&self) -> bool {
         self.attack == AttackArg::Dlg || self.optimizer == OptimizerArg::Lbfgs || self.joint_labels
@@ -220,30 +220,30 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         AttackArg::Linear => return run_linear(&capture, &observation, &target, &args, &device),
         _ => {}
     }
+    let images = observation.update_view().map_or(1, |view| view.images);
+    let for_images = InvertingGradientsConfig::for_images(images);
     let base = match args.attack {
-        AttackArg::Dlg => InvertingGradientsConfig::dlg(),
+        AttackArg::Dlg => InvertingGradientsConfig {
+            iterations: for_images.iterations,
+            ..InvertingGradientsConfig::dlg()
+        },
         _ => InvertingGradientsConfig {
             tv_weight: args.tv_weight,
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
             ..match args.optimizer {
-                OptimizerArg::SignedAdam => InvertingGradientsConfig::default(),
+                OptimizerArg::SignedAdam => for_images,
                 OptimizerArg::Lbfgs => InvertingGradientsConfig {
                     optimizer: ImageOptimizer::Lbfgs,
                     input_gradient: InputGradient::DoubleBackward,
-                    ..InvertingGradientsConfig::default()
+                    ..for_images
                 },
             }
         },
     };
-    let images = observation.update_view().map_or(1, |view| view.images);
     let config = InvertingGradientsConfig {
-        iterations: args
-            .iterations
-            .unwrap_or_else(|| InvertingGradientsConfig::default_iterations(images)),
-        prior_decay: args
-            .prior_decay
-            .unwrap_or_else(|| InvertingGradientsConfig::default_prior_decay(images)),
+        iterations: args.iterations.unwrap_or(base.iterations),
+        prior_decay: args.prior_decay.unwrap_or(base.prior_decay),
         restarts: args.restarts,
         restart_workers: args.concurrent_restarts(),
         seed: global.seed(),

@@ -11,7 +11,9 @@ use fedleak::model::{
     cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
     VitTarget,
 };
-use fedleak_attacks::{GradientMatcher, ImagePrior, InputGradient, TargetModel};
+use fedleak_attacks::{
+    GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, TargetModel,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,10 +24,13 @@ use super::{select_device, GlobalArgs};
 pub enum StepArg {
     /// One first-order forward + backward of the cross-entropy (a local training step's gradient).
     Train,
-    /// One Inverting-Gradients step by a forward-difference Hessian-vector product: the matching
-    /// objective and its input gradient from two first-order passes.
+    /// One Inverting-Gradients step as `fedleak attack` runs it for this batch size: the matching
+    /// objective and its input gradient by a forward-difference Hessian-vector product for one image
+    /// (two first-order passes), by a central difference for a batch (three).
     Attack,
-    /// The same step by a central difference (three first-order passes).
+    /// The step by a forward difference, whatever the batch size.
+    AttackForward,
+    /// The step by a central difference, whatever the batch size.
     AttackCentral,
     /// The same step with the exact double backward, as the reference computes it.
     AttackExact,
@@ -88,7 +93,10 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     // Each step builds only what it needs: ViT-B/16 parameters are 344 MB a copy.
     let times = match args.step {
         StepArg::Train => time_train(&args, checkpoint, &images, &labels)?,
-        StepArg::Attack | StepArg::AttackCentral | StepArg::AttackExact => {
+        StepArg::Attack
+        | StepArg::AttackForward
+        | StepArg::AttackCentral
+        | StepArg::AttackExact => {
             let guess: Vec<f32> = (0..args.batch * 3 * side * side)
                 .map(|_| rng.random())
                 .collect();
@@ -111,7 +119,10 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     };
     let metric = match args.step {
         StepArg::Train => "fwd_bwd1_median_ms",
-        StepArg::Attack | StepArg::AttackCentral | StepArg::AttackExact => "attack_iter_median_ms",
+        StepArg::Attack
+        | StepArg::AttackForward
+        | StepArg::AttackCentral
+        | StepArg::AttackExact => "attack_iter_median_ms",
     };
     println!(
         "RESULT impl=fedleak model={model_name} batch={} iters={} {metric}={median:.2} all={:?}",
@@ -223,8 +234,9 @@ fn time_attack(
     };
     let input_gradient = match args.step {
         StepArg::AttackExact => InputGradient::DoubleBackward,
+        StepArg::AttackForward => InputGradient::ForwardDifference,
         StepArg::AttackCentral => InputGradient::CentralDifference,
-        _ => InputGradient::ForwardDifference,
+        _ => InvertingGradientsConfig::default_input_gradient(args.batch),
     };
     let matcher = GradientMatcher::new(
         target_model,
