@@ -47,6 +47,19 @@ pub enum OptimizerArg {
     Lbfgs,
 }
 
+/// How Inverting Gradients computes the input gradient of its matching objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InputGradientArg {
+    /// The default for the observation: forward difference for one image, central for a batch.
+    Auto,
+    /// Forward-difference Hessian-vector product (two first-order passes).
+    Forward,
+    /// Central-difference Hessian-vector product (three first-order passes).
+    Central,
+    /// Exact double backward through candle's autograd (slowest, most memory).
+    Exact,
+}
+
 /// Floating-point precision in which the attacker simulates the client's update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PrecisionArg {
@@ -103,6 +116,11 @@ pub struct AttackArgs {
     /// f32 rounding (about 1e-7 at the true image on the tiny ViT); in f64 it goes to about 1e-13.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     pub precision: PrecisionArg,
+    /// How the signed-Adam attack computes its input gradient: `auto` (forward difference for one
+    /// image, central for a batch or an aggregate), `forward`, `central`, or `exact` (double backward;
+    /// L-BFGS, DLG and joint labels always take it).
+    #[arg(long, value_enum, default_value_t = InputGradientArg::Auto)]
+    pub input_gradient: InputGradientArg,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -133,7 +151,10 @@ impl AttackArgs {
     /// default Inverting Gradients (finite differences), the closed form, labels and the linear
     /// attack are first-order only.
     pub fn needs_second_order_gradients(&self) -> bool {
-        self.attack == AttackArg::Dlg || self.optimizer == OptimizerArg::Lbfgs || self.joint_labels
+        self.attack == AttackArg::Dlg
+            || self.optimizer == OptimizerArg::Lbfgs
+            || self.joint_labels
+            || self.input_gradient == InputGradientArg::Exact
     }
 
     /// How many restarts run at once: `--restart-workers` (default: the number of cores), at most
@@ -232,7 +253,15 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
             ..match args.optimizer {
-                OptimizerArg::SignedAdam => for_images,
+                OptimizerArg::SignedAdam => InvertingGradientsConfig {
+                    input_gradient: match args.input_gradient {
+                        InputGradientArg::Auto => for_images.input_gradient,
+                        InputGradientArg::Forward => InputGradient::ForwardDifference,
+                        InputGradientArg::Central => InputGradient::CentralDifference,
+                        InputGradientArg::Exact => InputGradient::DoubleBackward,
+                    },
+                    ..for_images
+                },
                 OptimizerArg::Lbfgs => InvertingGradientsConfig {
                     optimizer: ImageOptimizer::Lbfgs,
                     input_gradient: InputGradient::DoubleBackward,
