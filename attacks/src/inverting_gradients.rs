@@ -6,8 +6,8 @@
 //! the iterations, box constraint [0, 1] after every step. Several random restarts; the one with the
 //! lowest *matching objective* is returned — the attack never sees ground truth. The input gradient of the
 //! objective is a Hessian-vector product by finite difference of first-order passes by default
-//! (forward for one image, central for a batch), or the exact second-order gradient through candle's autograd (`CANDLE_GRAD_DO_NOT_DETACH`); see
-//! [`InputGradient`].
+//! (forward for one image, central for a batch), or the exact second-order gradient through candle's
+//! autograd (`CANDLE_GRAD_DO_NOT_DETACH`); see [`InputGradient`].
 //!
 //! For a FedAvg weight delta from local SGD, the client's local steps are unrolled with the known
 //! learning rate (as Inverting Gradients does) and the simulated delta is matched instead; its input
@@ -62,7 +62,8 @@ pub struct InvertingGradientsConfig {
     pub prior_decay: f64,
     /// Seed of the random initial images.
     pub seed: u64,
-    /// How the input gradient of the matching objective is computed.
+    /// How the input gradient of the matching objective is computed (the forward difference by
+    /// default; [`InvertingGradientsConfig::default_input_gradient`] for a batch).
     pub input_gradient: InputGradient,
     /// The matching loss: 1 - cosine (Inverting Gradients) or squared L2 (DLG).
     pub loss: MatchingLoss,
