@@ -62,6 +62,15 @@ max_abs = 16.0
 max_total_samples = 4096
 "#;
 
+/// [`SMALL_AUDIT`] with only its first `schemes` schemes.
+fn small_audit_with_schemes(schemes: usize) -> String {
+    SMALL_AUDIT
+        .split("[[schemes]]")
+        .take(schemes + 1)
+        .collect::<Vec<_>>()
+        .join("[[schemes]]")
+}
+
 fn run_audit(dir: &Path, config: &str, out: &str) -> std::process::Output {
     let path = dir.join(format!("{out}.toml"));
     std::fs::write(&path, config).unwrap();
@@ -214,11 +223,7 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
 
 #[test]
 fn same_seed_gives_identical_results_apart_from_timing() {
-    let config = SMALL_AUDIT
-        .split("[[schemes]]")
-        .take(3)
-        .collect::<Vec<_>>()
-        .join("[[schemes]]");
+    let config = small_audit_with_schemes(2);
     let tmp = tempfile::tempdir().unwrap();
     for out in ["a", "b"] {
         let run = run_audit(tmp.path(), &config, out);
@@ -286,7 +291,7 @@ fn wrong_type_is_named() {
 #[test]
 fn empty_scheme_list_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let config = SMALL_AUDIT.split("[[schemes]]").next().unwrap().to_string() + "schemes = []\n";
+    let config = small_audit_with_schemes(0) + "schemes = []\n";
     let out = run_audit(tmp.path(), &config, "bad");
     assert_bad_input(&out, &["schemes"]);
 }
@@ -301,11 +306,7 @@ fn missing_config_file_is_named() {
 #[test]
 fn an_f64_attacker_with_a_set_prior_decay_runs_and_is_recorded() {
     // Only the plain scheme, one capture round, Inverting Gradients only.
-    let config = SMALL_AUDIT
-        .split("[[schemes]]")
-        .take(2)
-        .collect::<Vec<_>>()
-        .join("[[schemes]]")
+    let config = small_audit_with_schemes(1)
         .replace("capture_rounds = [1, 2]", "capture_rounds = [1]")
         .replace(
             "kinds = [\"april\", \"ig\"]",

@@ -224,6 +224,12 @@ impl InvertingGradientsConfig {
         }
     }
 
+    /// [`InvertingGradientsConfig::for_images`] for the private images behind `observation` (its
+    /// batch, or all clients' batches for an aggregate; one when it holds no update to invert).
+    pub fn for_observation(observation: &Observation) -> Self {
+        Self::for_images(observation.update_view().map_or(1, |view| view.images))
+    }
+
     /// Default iterations for an observation of `images` private images. One image has converged by
     /// the default 400 (on the sin-cos IHC tiles, 1000 iterations gave 22.40 / 20.94 dB against
     /// 22.44 / 21.13 dB at 400), a batch keeps improving ([`BATCH_ITERATIONS`]; batch 8 of those tiles:
@@ -275,6 +281,9 @@ pub struct GradientMatcher<'a> {
     unroll: Option<(f64, usize)>,
     names: Vec<String>,
     observed_norms: Vec<f64>,
+    /// Norm of the global values of the observed parameters (the finite differences' step scale):
+    /// constant over an attack, so taken once.
+    start_norm: f64,
     /// The known labels as one-hot rows (B x classes); `None` when they are optimised jointly with
     /// the images and every evaluation brings its own.
     soft_labels: Option<Tensor>,
@@ -305,6 +314,8 @@ const FORWARD_DIFFERENCE_STEP_F64: f64 = 1e-5;
 /// differences from.
 struct SweepPoint {
     theta: Vec<Tensor>,
+    /// The norm of `theta`, the scale of the finite-difference step.
+    theta_norm: f64,
     /// The input gradient of the training loss at `theta`.
     input: Option<Tensor>,
     /// The parameter gradient at `theta`, kept when the sweep needs parameter products there.
@@ -358,12 +369,18 @@ impl<'a> GradientMatcher<'a> {
         let soft_labels = labels
             .map(|labels| one_hot(labels, model.num_classes(), dtype, &device))
             .transpose()?;
+        let start: Vec<Tensor> = names
+            .iter()
+            .map(|n| model.parameters()[n].clone())
+            .collect();
+        let start_norm = squared_norm(&start)?.sqrt();
         Ok(Self {
             model,
             observed,
             unroll,
             names,
             observed_norms,
+            start_norm,
             soft_labels,
             dtype,
             device,
@@ -517,6 +534,7 @@ impl<'a> GradientMatcher<'a> {
                 // parameter products for a single gradient).
                 let point = SweepPoint {
                     theta: start,
+                    theta_norm: self.start_norm,
                     input,
                     gradient: None,
                 };
@@ -534,8 +552,14 @@ impl<'a> GradientMatcher<'a> {
                         .map(|g| g * -lr)
                         .collect::<candle_core::Result<_>>()?;
                     let next = add_all(&current, &step)?;
+                    let theta_norm = if trajectory.is_empty() {
+                        self.start_norm
+                    } else {
+                        squared_norm(&current)?.sqrt()
+                    };
                     trajectory.push(SweepPoint {
                         theta: std::mem::replace(&mut current, next),
+                        theta_norm,
                         input,
                         gradient: forward.then_some(gradient),
                     });
@@ -713,21 +737,8 @@ impl<'a> GradientMatcher<'a> {
         images: &Tensor,
         with_parameters: bool,
     ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
-        let theta = &point.theta;
-        let (mut vector_norm, mut theta_norm) = (0f64, 0f64);
-        for (v, t) in vector.iter().zip(theta) {
-            vector_norm += v
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-            theta_norm += t
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-        }
-        let (vector_norm, theta_norm) = (vector_norm.sqrt(), theta_norm.sqrt());
+        let (theta, theta_norm) = (&point.theta, point.theta_norm);
+        let vector_norm = squared_norm(vector)?.sqrt();
         if vector_norm == 0.0 {
             let parameters = if with_parameters {
                 Some(zeros_like_all(theta)?)
@@ -829,6 +840,19 @@ impl<'a> GradientMatcher<'a> {
         let logits_gradient = logits.map(|l| gradient_of(l.as_tensor())).transpose()?;
         Ok((value, gradient_of(x.as_tensor())?, logits_gradient))
     }
+}
+
+/// The squared Euclidean norm of several tensors together (each summed in its own dtype).
+fn squared_norm(tensors: &[Tensor]) -> Result<f64> {
+    let mut total = 0f64;
+    for t in tensors {
+        total += t
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    Ok(total)
 }
 
 /// The gradients a backward pass left for each variable (zeros for a variable it did not reach).

@@ -354,12 +354,11 @@ fn run_attack(
             let base = if kind == AttackKind::Dlg {
                 InvertingGradientsConfig::dlg()
             } else {
-                let images = observation.update_view().map_or(1, |view| view.images);
-                let for_images = InvertingGradientsConfig::for_images(images);
+                let defaults = InvertingGradientsConfig::for_observation(observation);
                 InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight,
-                    prior_decay: config.attack.prior_decay.unwrap_or(for_images.prior_decay),
-                    ..for_images
+                    prior_decay: config.attack.prior_decay.unwrap_or(defaults.prior_decay),
+                    ..defaults
                 }
             };
             match recover_labels(observation, target)? {

@@ -241,33 +241,30 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         AttackArg::Linear => return run_linear(&capture, &observation, &target, &args, &device),
         _ => {}
     }
-    let images = observation.update_view().map_or(1, |view| view.images);
-    let for_images = InvertingGradientsConfig::for_images(images);
+    let defaults = InvertingGradientsConfig::for_observation(&observation);
+    // L-BFGS's line search needs the exact gradient whatever `--input-gradient` says.
+    let input_gradient = match (args.optimizer, args.input_gradient) {
+        (OptimizerArg::Lbfgs, _) | (_, InputGradientArg::Exact) => InputGradient::DoubleBackward,
+        (_, InputGradientArg::Auto) => defaults.input_gradient,
+        (_, InputGradientArg::Forward) => InputGradient::ForwardDifference,
+        (_, InputGradientArg::Central) => InputGradient::CentralDifference,
+    };
+    let optimizer = match args.optimizer {
+        OptimizerArg::SignedAdam => ImageOptimizer::SignedAdam,
+        OptimizerArg::Lbfgs => ImageOptimizer::Lbfgs,
+    };
     let base = match args.attack {
         AttackArg::Dlg => InvertingGradientsConfig {
-            iterations: for_images.iterations,
+            iterations: defaults.iterations,
             ..InvertingGradientsConfig::dlg()
         },
         _ => InvertingGradientsConfig {
             tv_weight: args.tv_weight,
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
-            ..match args.optimizer {
-                OptimizerArg::SignedAdam => InvertingGradientsConfig {
-                    input_gradient: match args.input_gradient {
-                        InputGradientArg::Auto => for_images.input_gradient,
-                        InputGradientArg::Forward => InputGradient::ForwardDifference,
-                        InputGradientArg::Central => InputGradient::CentralDifference,
-                        InputGradientArg::Exact => InputGradient::DoubleBackward,
-                    },
-                    ..for_images
-                },
-                OptimizerArg::Lbfgs => InvertingGradientsConfig {
-                    optimizer: ImageOptimizer::Lbfgs,
-                    input_gradient: InputGradient::DoubleBackward,
-                    ..for_images
-                },
-            }
+            optimizer,
+            input_gradient,
+            ..defaults
         },
     };
     let config = InvertingGradientsConfig {
