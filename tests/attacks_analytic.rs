@@ -12,7 +12,7 @@ use fedleak::model::{
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_patch_embedding, reconstruct_april,
     recover_classifier_input, AttackOutcome, FeatureOutcome, LabelCountConfig, LabelOutcome,
-    Observation, ParamMap, TargetModel, UpdateSource,
+    Observation, ParamMap, ReferenceImages, TargetModel, UpdateSource,
 };
 use fedleak_metrics::{psnr_db, ImageDims};
 
@@ -395,11 +395,23 @@ fn idlg_labels_every_single_tile() {
     }
 }
 
-/// Runs the label-count attack on FedSGD batches of 8 with the given label multisets; returns the
+/// Runs the label-count attack on FedSGD batches of 8 with the given label multisets, from noise
+/// dummies or, with `with_reference`, from the held-out split as reference images; returns the
 /// number of labels matched and the number of labels.
-fn label_count_accuracy(spec: &str, batches: &[Vec<u32>]) -> (usize, usize) {
+fn label_count_accuracy(spec: &str, batches: &[Vec<u32>], with_reference: bool) -> (usize, usize) {
     let probe = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], Default::default());
     let data = dataset(spec, &probe);
+    let held_out = load_data(&DataSpec::parse(spec).unwrap(), probe.input_shape(), 1)
+        .unwrap()
+        .test;
+    let reference = ReferenceImages {
+        images: batch(
+            &held_out,
+            &(0..held_out.len()).collect::<Vec<_>>(),
+            DType::F32,
+        ),
+        labels: held_out.labels.clone(),
+    };
     let cfg = config(
         ModelPreset::VitMicro32,
         &data,
@@ -412,7 +424,15 @@ fn label_count_accuracy(spec: &str, batches: &[Vec<u32>]) -> (usize, usize) {
         let indices = pick(&data, wanted);
         let images = batch(&data, &indices, DType::F32);
         let observation = fedsgd(true_gradient(&target, &images, wanted), wanted.len());
-        match count_labels(&observation, &target, &LabelCountConfig::default()).unwrap() {
+        let reference = with_reference.then_some(&reference);
+        match count_labels(
+            &observation,
+            &target,
+            &LabelCountConfig::default(),
+            reference,
+        )
+        .unwrap()
+        {
             LabelOutcome::Recovered(r) => {
                 assert_eq!(r.labels.len(), wanted.len());
                 assert!(r.labels.windows(2).all(|w| w[0] <= w[1]), "sorted");
@@ -424,8 +444,8 @@ fn label_count_accuracy(spec: &str, batches: &[Vec<u32>]) -> (usize, usize) {
         }
     }
     println!(
-        "label counts on {spec} ({classes} classes): {matched}/{total} labels ({:.1} %), \
-         {:.3} s per batch",
+        "label counts on {spec} ({classes} classes, reference images: {with_reference}): \
+         {matched}/{total} labels ({:.1} %), {:.3} s per batch",
         100.0 * matched as f64 / total as f64,
         seconds / batches.len() as f64
     );
@@ -442,11 +462,13 @@ fn label_counts_recover_mixed_mnist_batches_of_eight() {
         vec![2, 2, 5, 5, 8, 8, 9, 9],
         vec![6, 6, 6, 7, 7, 7, 3, 0],
     ];
-    let (matched, total) = label_count_accuracy("fixture:mnist5k", &batches);
-    assert!(
-        matched as f64 >= 0.95 * total as f64,
-        "{matched}/{total} labels"
-    );
+    for with_reference in [false, true] {
+        let (matched, total) = label_count_accuracy("fixture:mnist5k", &batches, with_reference);
+        assert!(
+            matched as f64 >= 0.95 * total as f64,
+            "{matched}/{total} labels (reference images: {with_reference})"
+        );
+    }
 }
 
 #[test]
@@ -457,11 +479,14 @@ fn label_counts_recover_ihc_batches_of_eight() {
         vec![1, 1, 1, 1, 1, 1, 1, 1],
         vec![0, 0, 0, 0, 1, 1, 1, 1],
     ];
-    let (matched, total) = label_count_accuracy("fixture:ihc-tiles-32", &batches);
-    assert!(
-        matched as f64 >= 0.95 * total as f64,
-        "{matched}/{total} labels"
-    );
+    for with_reference in [false, true] {
+        let (matched, total) =
+            label_count_accuracy("fixture:ihc-tiles-32", &batches, with_reference);
+        assert!(
+            matched as f64 >= 0.95 * total as f64,
+            "{matched}/{total} labels (reference images: {with_reference})"
+        );
+    }
 }
 
 #[test]
@@ -492,7 +517,7 @@ fn label_counts_read_deltas_and_aggregates() {
         batch_size: 8,
     };
     let LabelOutcome::Recovered(r) =
-        count_labels(&observation, &target, &LabelCountConfig::default()).unwrap()
+        count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
     else {
         panic!("a one-step SGD delta is a gradient")
     };
@@ -512,7 +537,7 @@ fn label_counts_read_deltas_and_aggregates() {
         batch_size: 8,
     };
     let LabelOutcome::Recovered(r) =
-        count_labels(&observation, &target, &LabelCountConfig::default()).unwrap()
+        count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
     else {
         panic!("label counts apply to aggregates")
     };
@@ -529,7 +554,7 @@ fn label_counts_read_deltas_and_aggregates() {
         source: UpdateSource::OtherDelta { lr, local_steps: 1 },
         batch_size: 8,
     };
-    match count_labels(&observation, &target, &LabelCountConfig::default()).unwrap() {
+    match count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap() {
         LabelOutcome::NotApplicable { attack, reason } => {
             assert_eq!(attack, "label-counts");
             assert!(reason.contains("adaptive optimizer"), "{reason}");

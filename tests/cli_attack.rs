@@ -93,6 +93,34 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
     assert_eq!(counts["attack"], "label-counts");
     assert_eq!(counts["labels"].as_array().unwrap().len(), 2, "{counts}");
     assert_eq!(counts["label_accuracy"], 1.0, "{counts}");
+    // The same from the held-out tiles as the attacker's reference images; a reference that does
+    // not exist or has other classes is refused (exit 2) before anything is written.
+    let reference = ["--label-reference", "fixture:ihc-tiles-32"];
+    let counts = attack_with(dir, "aggregate", "idlg", &reference);
+    assert_eq!(counts["attack"], "label-counts");
+    assert_eq!(counts["label_accuracy"], 1.0, "{counts}");
+    for (source, named) in [
+        ("folder:no-such-dir", "no-such-dir"),
+        ("fixture:mnist5k", "dab_negative"),
+    ] {
+        let out = fedleak(
+            dir,
+            &[
+                "attack",
+                "--capture",
+                "run/captures/round-0001/aggregate",
+                "--attack",
+                "idlg",
+                "--label-reference",
+                source,
+                "--out",
+                "refused",
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(named), "{}", stderr(&out));
+        assert!(!dir.join("refused").exists());
+    }
     let linear = attack(dir, "aggregate", "linear");
     assert!(linear["not_applicable"].is_string(), "{linear}");
 

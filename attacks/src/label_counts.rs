@@ -15,6 +15,12 @@
 //! The estimate is exact up to how well the dummy mean stands in for the private one: near a fresh
 //! initialisation (nearly uniform outputs) it is almost exact; a trained, confident model's outputs
 //! on noise differ more from those on real images. This module never sees the private labels.
+//!
+//! An attacker who holds labelled images of the clients' distribution (never the private ones:
+//! [`ReferenceImages`]) estimates better, as LLG+ does: the mean softmax of the model on the reference
+//! images of each class `k`, `M[k]`, stands in for that of the batch's class-`k` images, so the bias
+//! gradient is `B db = sum_k n_k (M[k] - e_k)`; with `sum_k n_k = B` this is a linear system in the
+//! counts, solved directly. Figures in [`count_labels`].
 
 use std::num::NonZeroUsize;
 use std::time::Instant;
@@ -52,6 +58,16 @@ impl Default for LabelCountConfig {
             seed: 0,
         }
     }
+}
+
+/// Labelled images of the clients' data distribution that the attacker holds (for instance a held-out
+/// split; never the private batch), for [`count_labels`]'s class-conditional estimate.
+#[derive(Debug, Clone)]
+pub struct ReferenceImages {
+    /// Images, N x C x H x W, in the model's input range.
+    pub images: Tensor,
+    /// One label per image.
+    pub labels: Vec<u32>,
 }
 
 /// Rounds non-negative-or-not real counts to non-negative integers summing to `total`: negatives are
@@ -102,13 +118,25 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// deltas (their per-entry rescaling loses the magnitudes), features or ciphertext. The objective is
 /// `sum_c |raw_c - n_c| / B`, how far the raw estimates were from the integer counts returned.
 ///
+/// With `reference` images the batch's mean softmax is estimated class by class from them (see the
+/// module documentation) instead of from uniform-noise dummies. Measured on the IHC tiles (tiny ViT,
+/// 4 clients, one-step SGD deltas of batch 8, the held-out tiles as reference, `fedleak attack
+/// --attack idlg [--label-reference fixture:ihc-tiles-32]`): after 191-200 rounds (test accuracy 1.0,
+/// train loss ~2e-3) the noise dummies recover 55 % of the labels of 40 client batches and 52 % of 10
+/// aggregates of 32 (the model calls noise one class with confidence), the reference 80 % and 81 %;
+/// at round 1 both recover 100 %; at round 100 (a model still swinging between classes) the noise
+/// dummies did better, 88 % against 78 %. The reference cannot correct for a model that has memorised
+/// its own training images, whose errors are smaller than on held-out ones.
+///
 /// # Errors
 /// [`AttackError::Observation`] when the update lacks the classifier bias or the global parameters lack
-/// it; [`AttackError::Numerical`] when no estimate is positive; candle errors of the dummy pass.
+/// it, or `reference` holds no image of some class; [`AttackError::Numerical`] when no estimate is
+/// positive or the reference system is singular; candle errors of the dummy pass.
 pub fn count_labels(
     observation: &Observation,
     model: &dyn TargetModel,
     config: &LabelCountConfig,
+    reference: Option<&ReferenceImages>,
 ) -> Result<LabelOutcome> {
     let start = Instant::now();
     let not_applicable = |reason: String| {
@@ -148,23 +176,34 @@ pub fn count_labels(
         .into_iter()
         .map(|v| v * scale)
         .collect();
-    let mean_p = estimate_mean_probabilities(model, &bias_name, config)?;
-    if mean_p.len() != db.len() {
+    if db.len() != model.num_classes() {
         return Err(AttackError::Observation {
             name: bias_name,
             reason: format!(
                 "the update has {} entries, the model {} classes",
                 db.len(),
-                mean_p.len()
+                model.num_classes()
             ),
         });
     }
     let total = images as f64;
-    let raw: Vec<f64> = mean_p
-        .iter()
-        .zip(&db)
-        .map(|(p, g)| total * (p - g))
-        .collect();
+    let raw: Vec<f64> = match reference {
+        None => {
+            let noise = ImageSource::Noise {
+                count: config.dummy_images.get(),
+                seed: config.seed,
+            };
+            mean_probabilities(model, &bias_name, noise)?
+                .iter()
+                .zip(&db)
+                .map(|(p, g)| total * (p - g))
+                .collect()
+        }
+        Some(reference) => {
+            let per_class = class_mean_probabilities(model, &bias_name, reference)?;
+            solve_counts(&per_class, &db, total)?
+        }
+    };
     let counts = round_label_counts(&raw, images)?;
     let objective = raw
         .iter()
@@ -185,12 +224,20 @@ pub fn count_labels(
     }))
 }
 
-/// The global model's mean softmax over uniform-random dummy images, read as the bias gradient of the
-/// model's loss with every dummy labelled class 0 (`mean p - e_0`).
-fn estimate_mean_probabilities(
+/// Where [`mean_probabilities`] takes its images from.
+enum ImageSource<'a> {
+    /// `count` seeded uniform-random images in [0, 1].
+    Noise { count: usize, seed: u64 },
+    /// Given images (N x C x H x W).
+    Given(&'a Tensor),
+}
+
+/// The global model's mean softmax over the images of `source`, read as the bias gradient of the
+/// model's loss with every image labelled class 0 (`mean p - e_0`), in chunks of [`DUMMY_CHUNK`].
+fn mean_probabilities(
     model: &dyn TargetModel,
     bias_name: &str,
-    config: &LabelCountConfig,
+    source: ImageSource<'_>,
 ) -> Result<Vec<f64>> {
     let mut params = model.parameters().clone();
     let bias = params
@@ -204,14 +251,21 @@ fn estimate_mean_probabilities(
     params.insert(bias_name.to_string(), var.as_tensor().clone());
     let classes = model.num_classes();
     let (c, h, w) = model.input_dims();
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    let total = config.dummy_images.get();
+    let (total, mut rng) = match source {
+        ImageSource::Noise { count, seed } => (count, StdRng::seed_from_u64(seed)),
+        ImageSource::Given(images) => (images.dim(0)?, StdRng::seed_from_u64(0)),
+    };
     let mut sum = vec![0f64; classes];
     let mut done = 0;
     while done < total {
         let n = DUMMY_CHUNK.min(total - done);
-        let pixels: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
-        let images = Tensor::from_vec(pixels, (n, c, h, w), &device)?.to_dtype(dtype)?;
+        let images = match &source {
+            ImageSource::Noise { .. } => {
+                let pixels: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
+                Tensor::from_vec(pixels, (n, c, h, w), &device)?.to_dtype(dtype)?
+            }
+            ImageSource::Given(images) => images.narrow(0, done, n)?.to_dtype(dtype)?,
+        };
         let mut targets = vec![0f32; n * classes];
         targets.iter_mut().step_by(classes).for_each(|t| *t = 1.0);
         let targets = Tensor::from_vec(targets, (n, classes), &device)?.to_dtype(dtype)?;
@@ -233,6 +287,90 @@ fn estimate_mean_probabilities(
         *first += 1.0;
     }
     Ok(mean_p)
+}
+
+/// The model's mean softmax over the reference images of each class (`M[k]`, one row per class).
+fn class_mean_probabilities(
+    model: &dyn TargetModel,
+    bias_name: &str,
+    reference: &ReferenceImages,
+) -> Result<Vec<Vec<f64>>> {
+    if reference.images.dim(0)? != reference.labels.len() {
+        return Err(AttackError::Observation {
+            name: "reference images".to_string(),
+            reason: format!(
+                "{} images but {} labels",
+                reference.images.dim(0)?,
+                reference.labels.len()
+            ),
+        });
+    }
+    (0..model.num_classes())
+        .map(|class| {
+            let members: Vec<u32> = (0..reference.labels.len() as u32)
+                .filter(|&i| reference.labels[i as usize] as usize == class)
+                .collect();
+            if members.is_empty() {
+                return Err(AttackError::Observation {
+                    name: "reference images".to_string(),
+                    reason: format!(
+                        "no image of class {class}: every class needs at least one reference image"
+                    ),
+                });
+            }
+            let index = Tensor::new(members.as_slice(), reference.images.device())?;
+            let images = reference.images.index_select(&index, 0)?;
+            mean_probabilities(model, bias_name, ImageSource::Given(&images))
+        })
+        .collect()
+}
+
+/// The real counts `n` that solve `sum_k n_k (M[k][c] - [k == c]) = B db_c` for every class `c` and
+/// `sum_k n_k = B`. The class equations sum to zero (rows of `M` and `db` sum to 0 and 1), so the last
+/// one is replaced by the total; Gaussian elimination with partial pivoting.
+fn solve_counts(per_class: &[Vec<f64>], db: &[f64], total: f64) -> Result<Vec<f64>> {
+    let classes = db.len();
+    let mut rows: Vec<Vec<f64>> = (0..classes)
+        .map(|c| {
+            let mut row: Vec<f64> = (0..classes)
+                .map(|k| per_class[k][c] - f64::from(u8::from(k == c)))
+                .collect();
+            row.push(total * db[c]);
+            row
+        })
+        .collect();
+    if let Some(last) = rows.last_mut() {
+        *last = vec![1.0; classes];
+        last.push(total);
+    }
+    for column in 0..classes {
+        let pivot = (column..classes)
+            .max_by(|&a, &b| rows[a][column].abs().total_cmp(&rows[b][column].abs()))
+            .expect("a column below the diagonal");
+        let magnitude = rows[pivot][column].abs();
+        if magnitude.is_nan() || magnitude <= 1e-12 {
+            return Err(AttackError::Numerical {
+                attack: ATTACK,
+                reason: "the reference images' class-mean outputs are linearly dependent: the \
+                         counts are not determined"
+                    .to_string(),
+            });
+        }
+        rows.swap(column, pivot);
+        let head = rows[column].clone();
+        for row in rows.iter_mut().skip(column + 1) {
+            let factor = row[column] / head[column];
+            row.iter_mut()
+                .zip(&head)
+                .for_each(|(r, h)| *r -= factor * h);
+        }
+    }
+    let mut counts = vec![0f64; classes];
+    for c in (0..classes).rev() {
+        let known: f64 = (c + 1..classes).map(|k| rows[c][k] * counts[k]).sum();
+        counts[c] = (rows[c][classes] - known) / rows[c][c];
+    }
+    Ok(counts)
 }
 
 #[cfg(test)]
@@ -259,5 +397,50 @@ mod tests {
             vec![1, 0, 0]
         );
         assert!(round_label_counts(&[-1.0, 0.0], 2).is_err());
+    }
+
+    /// The bias gradient a batch with `counts` would give if its images' mean outputs per class were
+    /// exactly `per_class`.
+    fn bias_gradient(per_class: &[Vec<f64>], counts: &[f64]) -> Vec<f64> {
+        let total: f64 = counts.iter().sum();
+        (0..counts.len())
+            .map(|c| {
+                (0..counts.len())
+                    .map(|k| counts[k] * (per_class[k][c] - f64::from(u8::from(k == c))))
+                    .sum::<f64>()
+                    / total
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_reference_system_returns_the_counts_that_produced_the_bias_gradient() {
+        for (per_class, counts) in [
+            (vec![vec![0.9, 0.1], vec![0.2, 0.8]], vec![3.0, 5.0]),
+            (vec![vec![0.99, 0.01], vec![0.02, 0.98]], vec![8.0, 0.0]),
+            (
+                vec![
+                    vec![0.7, 0.2, 0.1],
+                    vec![0.1, 0.6, 0.3],
+                    vec![0.25, 0.25, 0.5],
+                ],
+                vec![1.0, 4.0, 11.0],
+            ),
+        ] {
+            let db = bias_gradient(&per_class, &counts);
+            let total = counts.iter().sum();
+            let solved = solve_counts(&per_class, &db, total).unwrap();
+            for (s, c) in solved.iter().zip(&counts) {
+                assert!((s - c).abs() < 1e-9, "{solved:?} vs {counts:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_certain_of_every_reference_class_leaves_the_counts_undetermined() {
+        // Outputs exactly one-hot on the reference: the bias gradient is zero whatever the counts.
+        let per_class = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        let err = solve_counts(&per_class, &[0.0, 0.0], 8.0).unwrap_err();
+        assert!(err.to_string().contains("not determined"), "{err}");
     }
 }

@@ -32,7 +32,7 @@ pub use inverting_gradients::{
     invert_gradients, GradientMatcher, ImageOptimizer, InputGradient, InvertingGradientsConfig,
     MatchingLoss, BATCH_ITERATIONS, LBFGS_HISTORY, LINE_SEARCH_TRIES, SINGLE_IMAGE_PRIOR_DECAY,
 };
-pub use label_counts::{count_labels, round_label_counts, LabelCountConfig};
+pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
 pub use model::{one_hot, ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
 pub use observation::{Observation, UpdateSource, UpdateView};

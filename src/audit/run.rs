@@ -334,7 +334,7 @@ fn recover_labels(
     let outcome = if single {
         infer_label_idlg(observation, target)?
     } else {
-        count_labels(observation, target, &LabelCountConfig::default())?
+        count_labels(observation, target, &LabelCountConfig::default(), None)?
     };
     Ok(match outcome {
         LabelOutcome::Recovered(r) => Ok(r.labels),

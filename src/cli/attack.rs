@@ -8,13 +8,14 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::ValueEnum;
 use fedleak::audit::{attacker_view, private_images, AttackPrecision};
+use fedleak::data::{load_data, DataSpec};
 use fedleak::fl::read_capture;
 use fedleak::model::VitTarget;
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_gradients, reconstruct_april, recover_classifier_input,
     AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig,
-    LabelCountConfig, LabelOutcome, Observation, Reconstruction, TargetModel,
+    LabelCountConfig, LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
 };
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
@@ -121,6 +122,13 @@ pub struct AttackArgs {
     /// L-BFGS, DLG and joint labels always take it).
     #[arg(long, value_enum, default_value_t = InputGradientArg::Auto)]
     pub input_gradient: InputGradientArg,
+    /// Labelled images the attacker holds from the clients' distribution, for the label counts of a
+    /// batch or an aggregate: a data source (`fixture:NAME`, an image folder, a MedMNIST `.npz`) of
+    /// which the held-out (test) split is used, so that pointing it at the training source never
+    /// hands the attacker the private images. Without it the counts are estimated from uniform-noise
+    /// dummies, which is exact near a fresh model but not on a trained, confident one.
+    #[arg(long, value_name = "DATA")]
+    pub label_reference: Option<DataSpec>,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -188,15 +196,61 @@ struct ResultRow {
     attack_seconds: f64,
 }
 
-/// Recovers one label per image: iDLG for a single image, label counts for a batch or an aggregate.
-fn recover_labels(observation: &Observation, target: &VitTarget) -> Result<LabelOutcome> {
+/// Recovers one label per image: iDLG for a single image, label counts for a batch or an aggregate
+/// (class by class from `reference` images when the attacker has them).
+fn recover_labels(
+    observation: &Observation,
+    target: &VitTarget,
+    reference: Option<&ReferenceImages>,
+) -> Result<LabelOutcome> {
     Ok(
         if matches!(observation, Observation::ClientUpdate { batch_size: 1, .. }) {
             infer_label_idlg(observation, target)?
         } else {
-            count_labels(observation, target, &LabelCountConfig::default())?
+            count_labels(observation, target, &LabelCountConfig::default(), reference)?
         },
     )
+}
+
+/// The held-out split of `--label-reference`, at the model's input shape.
+fn load_label_reference(
+    capture: &fedleak::fl::Capture,
+    args: &AttackArgs,
+    device: &candle_core::Device,
+) -> Result<Option<ReferenceImages>> {
+    let Some(spec) = &args.label_reference else {
+        return Ok(None);
+    };
+    let shape = capture.global.config.input_shape();
+    let held_out = load_data(spec, shape, capture.meta.seed)?.test;
+    let model_classes = capture.global.config.class_names();
+    if held_out.class_names != model_classes {
+        return Err(UsageError(format!(
+            "`--label-reference {spec}` has the classes {:?}, the captured model {:?}\nhint: give labelled images of the same classes as the clients' data",
+            held_out.class_names, model_classes
+        ))
+        .into());
+    }
+    if held_out.is_empty() {
+        return Err(UsageError(format!(
+            "`--label-reference {spec}` has no held-out (test) images\nhint: give a source with a `test` split, or a folder of labelled images"
+        ))
+        .into());
+    }
+    let images = Tensor::from_vec(
+        held_out.images,
+        (
+            held_out.labels.len(),
+            shape.channels,
+            shape.height,
+            shape.width,
+        ),
+        device,
+    )?;
+    Ok(Some(ReferenceImages {
+        images,
+        labels: held_out.labels,
+    }))
 }
 
 /// Prints the JSON line of an attack that does not apply.
@@ -234,10 +288,20 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         PrecisionArg::F64 => AttackPrecision::F64,
     };
     let (target, observation) = attacker_view(&capture, precision, &device)?;
+    let reference = load_label_reference(&capture, &args, &device)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create `{}`", args.out.display()))?;
     match args.attack {
-        AttackArg::Idlg => return run_labels(&capture, &observation, &target, &args, &device),
+        AttackArg::Idlg => {
+            return run_labels(
+                &capture,
+                &observation,
+                &target,
+                reference.as_ref(),
+                &args,
+                &device,
+            )
+        }
         AttackArg::Linear => return run_linear(&capture, &observation, &target, &args, &device),
         _ => {}
     }
@@ -291,7 +355,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             if args.joint_labels {
                 invert_gradients(&observation, &target, None, &config)?
             } else {
-                match recover_labels(&observation, &target)? {
+                match recover_labels(&observation, &target, reference.as_ref())? {
                     LabelOutcome::Recovered(r) => {
                         invert_gradients(&observation, &target, Some(&r.labels), &config)?
                     }
@@ -347,10 +411,11 @@ fn run_labels(
     capture: &fedleak::fl::Capture,
     observation: &Observation,
     target: &VitTarget,
+    reference: Option<&ReferenceImages>,
     args: &AttackArgs,
     device: &candle_core::Device,
 ) -> Result<()> {
-    let recovery = match recover_labels(observation, target)? {
+    let recovery = match recover_labels(observation, target, reference)? {
         LabelOutcome::Recovered(recovery) => recovery,
         LabelOutcome::NotApplicable { attack, reason } => {
             print_not_applicable(attack, &reason);
