@@ -303,33 +303,57 @@ fn missing_config_file_is_named() {
     assert_bad_input(&out, &["nope.toml"]);
 }
 
-#[test]
-fn an_f64_attacker_with_a_set_prior_decay_runs_and_is_recorded() {
-    // Only the plain scheme, one capture round, Inverting Gradients only.
+/// Runs the plain scheme alone, one capture round, Inverting Gradients only, with `settings` added
+/// to `[attack]` and `batch_size` images per batch, into `dir/out`; returns the header and rows of
+/// `results.csv` (at least one) and `audit.json`.
+fn run_ig_audit(
+    dir: &Path,
+    batch_size: usize,
+    settings: &str,
+    out: &str,
+) -> (Vec<String>, Vec<Vec<String>>, serde_json::Value) {
     let config = small_audit_with_schemes(1)
         .replace("capture_rounds = [1, 2]", "capture_rounds = [1]")
+        .replace("batch_size = 1", &format!("batch_size = {batch_size}"))
         .replace(
             "kinds = [\"april\", \"ig\"]",
-            "kinds = [\"ig\"]\nprecision = \"f64\"\nprior_decay = 0.5",
+            &format!("kinds = [\"ig\"]\n{settings}"),
         );
-    let tmp = tempfile::tempdir().unwrap();
-    let run = run_audit(tmp.path(), &config, "f64");
+    let run = run_audit(dir, &config, out);
     assert!(run.status.success(), "{}", util::stderr(&run));
-    let (header, rows) = read_csv(&tmp.path().join("f64").join("results.csv"));
-    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let (header, rows) = read_csv(&dir.join(out).join("results.csv"));
     assert!(!rows.is_empty());
+    let audit = std::fs::read_to_string(dir.join(out).join("audit.json")).unwrap();
+    (header, rows, serde_json::from_str(&audit).unwrap())
+}
+
+#[test]
+fn an_f64_attacker_with_a_set_prior_decay_runs_and_is_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let settings = "precision = \"f64\"\nprior_decay = 0.5";
+    let (header, rows, audit) = run_ig_audit(tmp.path(), 1, settings, "f64");
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
     for row in &rows {
         assert_eq!(row[col("attack")], "ig");
         let psnr: f64 = row[col("psnr_db")].parse().unwrap();
         assert!(psnr.is_finite() && psnr > 0.0, "{psnr}");
     }
-    let audit: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(tmp.path().join("f64").join("audit.json")).unwrap(),
-    )
-    .unwrap();
     let attack = &audit["config"]["attack"];
     assert_eq!(attack["precision"], "f64", "{attack}");
     assert_eq!(attack["prior_decay"], 0.5, "{attack}");
+}
+
+#[test]
+fn label_counts_from_the_held_out_split_run_and_are_recorded() {
+    // Batches of 2, so the labels come from label counts, with the held-out tiles as reference.
+    let tmp = tempfile::tempdir().unwrap();
+    let (header, rows, audit) = run_ig_audit(tmp.path(), 2, "label_reference = true", "reference");
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for row in &rows {
+        // One warm-up round from a fresh model: the counts are exact.
+        assert_eq!(row[col("label_correct")], "true", "{row:?}");
+    }
+    assert_eq!(audit["config"]["attack"]["label_reference"], true);
 }
 
 #[test]

@@ -53,6 +53,10 @@ pub struct AttackSettings {
     pub prior_decay: Option<f64>,
     /// Precision in which the attacker simulates the updates (`"f32"` or `"f64"`).
     pub precision: AttackPrecision,
+    /// Label counts (batches, aggregates): the attacker holds the data's held-out (test) split as
+    /// labelled reference images and estimates the batch's outputs class by class from them, as
+    /// `fedleak attack --label-reference` does; off, from uniform-noise dummies.
+    pub label_reference: bool,
 }
 
 impl Default for AttackSettings {
@@ -65,6 +69,7 @@ impl Default for AttackSettings {
             tv_weight: fedleak_attacks::InvertingGradientsConfig::default().tv_weight,
             prior_decay: None,
             precision: AttackPrecision::F32,
+            label_reference: false,
         }
     }
 }

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_gradients, reconstruct_april, AttackOutcome,
     InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
+    ReferenceImages,
 };
 use fedleak_metrics::{match_batch, score_pair, ImageDims};
 use serde::Serialize;
@@ -309,6 +310,29 @@ fn private_batch(
     ))
 }
 
+/// The held-out split as the attacker's labelled reference images, when `[attack] label_reference`
+/// says so.
+fn label_reference(
+    config: &AuditConfig,
+    data: &DataSplits,
+    device: &Device,
+) -> Result<Option<ReferenceImages>> {
+    if !config.attack.label_reference {
+        return Ok(None);
+    }
+    let held_out = &data.test;
+    let shape = held_out.shape;
+    let images = Tensor::from_vec(
+        held_out.images.clone(),
+        (held_out.len(), shape.channels, shape.height, shape.width),
+        device,
+    )?;
+    Ok(Some(ReferenceImages {
+        images,
+        labels: held_out.labels.clone(),
+    }))
+}
+
 /// The per-pixel mean of the training images: the uninformed attacker's best constant guess.
 fn mean_image(data: &DataSplits) -> Vec<f32> {
     let len = data.train.shape.len();
@@ -322,10 +346,12 @@ fn mean_image(data: &DataSplits) -> Vec<f32> {
     sum.into_iter().map(|s| (s / n) as f32).collect()
 }
 
-/// Labels for an optimisation attack: iDLG for one image, label counts for a batch.
+/// Labels for an optimisation attack: iDLG for one image, label counts for a batch (from `reference`
+/// images when the attacker holds them).
 fn recover_labels(
     observation: &Observation,
     target: &VitTarget,
+    reference: Option<&ReferenceImages>,
 ) -> Result<std::result::Result<Vec<u32>, String>> {
     let single = observation
         .update_view()
@@ -334,7 +360,7 @@ fn recover_labels(
     let outcome = if single {
         infer_label_idlg(observation, target)?
     } else {
-        count_labels(observation, target, &LabelCountConfig::default(), None)?
+        count_labels(observation, target, &LabelCountConfig::default(), reference)?
     };
     Ok(match outcome {
         LabelOutcome::Recovered(r) => Ok(r.labels),
@@ -346,6 +372,7 @@ fn run_attack(
     kind: AttackKind,
     observation: &Observation,
     target: &VitTarget,
+    reference: Option<&ReferenceImages>,
     config: &AuditConfig,
 ) -> Result<AttackOutcome> {
     Ok(match kind {
@@ -361,7 +388,7 @@ fn run_attack(
                     ..defaults
                 }
             };
-            match recover_labels(observation, target)? {
+            match recover_labels(observation, target, reference)? {
                 Ok(labels) => invert_gradients(
                     observation,
                     target,
@@ -518,6 +545,7 @@ pub fn run_audit(
     }
     let model_parameters = initial.tensors.values().map(Tensor::elem_count).sum();
     let baseline = mean_image(&data);
+    let reference = label_reference(config, &data, device)?;
     let mut outcome = AuditOutcome {
         images: Vec::new(),
         summary: Vec::new(),
@@ -627,7 +655,7 @@ pub fn run_audit(
                     };
                     // An attack that breaks down on what this party sees (e.g. the closed form on a
                     // pruned gradient whose token gradients are zero) is a finding, not an audit failure.
-                    match run_attack(kind, &observation, &target, config) {
+                    match run_attack(kind, &observation, &target, reference.as_ref(), config) {
                         Err(crate::Error::Attack(e)) => {
                             row.reason = format!("attack failed: {e}");
                         }
