@@ -95,7 +95,11 @@ pub const LINE_SEARCH_TRIES: usize = 10;
 #[serde(rename_all = "snake_case")]
 pub enum MatchingLoss {
     /// Inverting Gradients (Geiping et al. 2020): the mean over parameter tensors of 1 - cosine,
-    /// blind to the update's scale.
+    /// blind to the update's scale. Every tensor counts the same: on four sin-cos IHC tiles (tiny
+    /// ViT, batch 1, defaults) one cosine over all tensors concatenated, as the original code
+    /// computes it, scored 20.94 dB / SSIM 0.265 against 22.18 / 0.378 for the mean, and weighting
+    /// tensors by depth (exp(-a * layer / depth)) gained nothing (a = 1.5: 22.25 / 0.369; a = 4:
+    /// 21.80; a = -1.5: 20.99).
     #[default]
     Cosine,
     /// DLG / iDLG (Zhu et al. 2019, Zhao et al. 2020): the sum over all entries of the squared
