@@ -125,8 +125,9 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// train loss ~2e-3) the noise dummies recover 55 % of the labels of 40 client batches and 52 % of 10
 /// aggregates of 32 (the model calls noise one class with confidence), the reference 80 % and 81 %;
 /// at round 1 both recover 100 %; at round 100 (a model still swinging between classes) the noise
-/// dummies did better, 88 % against 78 %. A second training run with the same command (final train
-/// loss 1.0e-3) reversed the order at rounds 191-200: noise 72 % of client labels and 72 % of aggregate
+/// dummies did better, 88 % against 78 %. A later run of the command as recorded (final train loss
+/// 1.0e-3; training is deterministic, but the first run's captures are gone, so the difference could
+/// not be traced) reversed the order at rounds 191-200: noise 72 % of client labels and 72 % of aggregate
 /// labels, reference 64 % and 64 %. The reference cannot correct for a model that has memorised its
 /// own training images, whose errors are smaller than on held-out ones: the bias gradient fixes only
 /// the counts scaled by that unknown shrinkage. Reading the shrinkage off the classifier-weight
