@@ -34,9 +34,15 @@ fn main() -> ExitCode {
     if args.needs_second_order_gradients() {
         fedleak_attacks::enable_second_order_gradients();
     }
-    if let Some(threads) = args.kernel_threads() {
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
+    // Always pinned, also when candle's default (the physical cores) stands: candle asks for its thread
+    // count on every matrix product, and without this variable it counts the physical cores by reading
+    // /proc/cpuinfo each time. Tiny ViT on 2 cores, `fedleak bench` without `--threads`, old and new
+    // alternated: attack step at batch 1 37-38 -> 24-26 ms, batch 8 195-205 -> 176-198 ms; training
+    // step at batch 16 140-174 -> 129-136 ms.
+    let threads = args
+        .kernel_threads()
+        .unwrap_or_else(candle_core::utils::get_num_threads);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     cli::init_logging(args.global.quiet);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
