@@ -19,6 +19,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// bindings name the options around it (14, 16) but not this one.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+/// How many times candle's barrier-pool workers spin for the next element-wise kernel before they
+/// park (candle's default: 25 000). While a matrix product runs on rayon's threads the pool's worker
+/// keeps spinning and takes a core from it; on 2 cores a shorter spin is faster wherever matrix
+/// products dominate. Measured on this project's 2-core machine, `fedleak bench` alternated against the
+/// default, medians: tiny-ViT attack step at batch 8 188-214 -> 156-173 ms, ViT-B/16 attack step at
+/// batch 1 1776-1808 -> 1549-1630 ms, tiny-ViT training step at batch 16 138-144 -> 123-135 ms; the
+/// tiny-ViT attack step at batch 1 on two threads loses a little (24-32 -> 24-36 ms; `fedleak attack`
+/// runs restarts on one thread each, where no worker spins). 0 (no spin) was slower on ViT-B/16.
+/// Against PyTorch (`tests/bench/compare_torch.sh`, 3 rounds each, ratios fedleak/torch) 25 000 /
+/// 10 000 / 4000 gave: attack step tiny b=1 0.90 / 1.01 / 1.11, tiny b=8 1.77 / 1.72 / 1.71, ViT-B/16
+/// b=1 0.95 / 0.83 / 0.75; training step tiny b=8 2.01 / 1.80 / 1.62.
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment overrides it.
+const BARRIER_POOL_SPIN_LIMIT: u32 = 4000;
+
 fn main() -> ExitCode {
     // Keep freed memory for reuse instead of purging it 10 ms later: a ViT-B/16 attack step frees and
     // reallocates hundreds of MB per pass, and purged pages come back through page faults that zero
@@ -43,6 +57,12 @@ fn main() -> ExitCode {
         .kernel_threads()
         .unwrap_or_else(candle_core::utils::get_num_threads);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var(
+            "CANDLE_BARRIER_POOL_SPIN_LIMIT",
+            BARRIER_POOL_SPIN_LIMIT.to_string(),
+        );
+    }
     cli::init_logging(args.global.quiet);
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
