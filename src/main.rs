@@ -26,8 +26,7 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// default, medians: tiny-ViT attack step at batch 8 188-214 -> 156-173 ms, ViT-B/16 attack step at
 /// batch 1 1776-1808 -> 1549-1630 ms, tiny-ViT training step at batch 16 138-144 -> 123-135 ms; the
 /// tiny-ViT attack step at batch 1 on two threads loses a little (24-32 -> 24-36 ms; `fedleak attack`
-/// runs restarts on one thread each, where no worker spins). 0 (no spin) was slower on ViT-B/16.
-/// Against PyTorch (`tests/bench/compare_torch.sh`, 3 rounds each, ratios fedleak/torch) 25 000 /
+/// runs restarts on one thread each, where no worker spins). Against PyTorch (`tests/bench/compare_torch.sh`, 3 rounds each, ratios fedleak/torch) 25 000 /
 /// 10 000 / 4000 gave: attack step tiny b=1 0.90 / 1.01 / 1.11, tiny b=8 1.77 / 1.72 / 1.71, ViT-B/16
 /// b=1 0.95 / 0.83 / 0.75; training step tiny b=8 2.01 / 1.80 / 1.62.
 /// `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment overrides it.

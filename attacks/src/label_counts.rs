@@ -119,20 +119,19 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// `sum_c |raw_c - n_c| / B`, how far the raw estimates were from the integer counts returned.
 ///
 /// With `reference` images the batch's mean softmax is estimated class by class from them (see the
-/// module documentation) instead of from uniform-noise dummies. Measured on the IHC tiles (tiny ViT,
-/// 4 clients, one-step SGD deltas of batch 8, the held-out tiles as reference, `fedleak attack
-/// --attack idlg [--label-reference fixture:ihc-tiles-32]`): after 191-200 rounds (test accuracy 1.0,
-/// train loss ~2e-3) the noise dummies recover 55 % of the labels of 40 client batches and 52 % of 10
-/// aggregates of 32 (the model calls noise one class with confidence), the reference 80 % and 81 %;
-/// at round 1 both recover 100 %; at round 100 (a model still swinging between classes) the noise
-/// dummies did better, 88 % against 78 %. A later run of the command as recorded (final train loss
-/// 1.0e-3; training is deterministic, but the first run's captures are gone, so the difference could
-/// not be traced) reversed the order at rounds 191-200: noise 72 % of client labels and 72 % of aggregate
-/// labels, reference 64 % and 64 %. The reference cannot correct for a model that has memorised its
-/// own training images, whose errors are smaller than on held-out ones: the bias gradient fixes only
-/// the counts scaled by that unknown shrinkage. Reading the shrinkage off the classifier-weight
-/// gradient as well (its least-squares split over per-class error-weighted reference features, then
-/// counts in proportion) did worse on that run: 57 %.
+/// module documentation) instead of from uniform-noise dummies. It is not reliably better. Measured
+/// 2026-12-02 on the IHC tiles (`fedleak train --model vit-tiny-32 --clients 4 --rounds 200
+/// --algorithm fedavg --optimizer sgd --lr 0.03 --momentum 0 --weight-decay 0 --local-steps 1
+/// --batch-size 8`, then `fedleak attack --attack idlg [--label-reference fixture:ihc-tiles-32]` on
+/// each client's batch of 8 and each aggregate of 32), noise dummies against reference, client /
+/// aggregate labels: round 1, 100 % / 100 % both; round 100 (test accuracy 0.34, a model swinging
+/// between classes) 100 % / 97 % against 88 % / 91 %; rounds 191-200 (test accuracy 1.0, train loss
+/// 1.0e-3) 72 % / 72 % against 64 % / 64 %. An earlier run of the same command (2026-11-29, captures
+/// gone) had found the reverse order after 191-200 rounds. The reference cannot correct for a model
+/// that has memorised its own training images, whose errors are smaller than on held-out ones: the
+/// bias gradient fixes only the counts scaled by that unknown shrinkage. Reading the shrinkage off the
+/// classifier-weight gradient as well (its least-squares split over per-class error-weighted reference
+/// features, then counts in proportion) did worse at rounds 191-200: 57 % / 57 %.
 ///
 /// # Errors
 /// [`AttackError::Observation`] when the update lacks the classifier bias or the global parameters lack
