@@ -357,6 +357,34 @@ fn label_counts_from_the_held_out_split_run_and_are_recorded() {
 }
 
 #[test]
+fn secure_aggregation_over_one_client_is_attacked_and_leaks() {
+    // The aggregate of one client is its update: the server decrypts exactly what it would have read
+    // in the clear. The audit must attack it, not report the scheme as never attacked.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = SMALL_AUDIT
+        .split("[[schemes]]")
+        .next()
+        .unwrap()
+        .replace("clients = 3", "clients = 1")
+        .replace("capture_rounds = [1, 2]", "capture_rounds = [1]")
+        .replace("kinds = [\"april\", \"ig\"]", "kinds = [\"april\"]")
+        + "[[schemes]]\nid = \"glwe\"\n";
+    let run = run_audit(tmp.path(), &config, "single");
+    assert!(run.status.success(), "{}", util::stderr(&run));
+    let (header, rows) = read_csv(&tmp.path().join("single/summary.csv"));
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let server: Vec<&Vec<String>> = rows
+        .iter()
+        .filter(|r| r[col("threat_model")] == "server" && r[col("attack")] == "april")
+        .collect();
+    assert!(!server.is_empty(), "{rows:?}");
+    for row in server {
+        assert_eq!(row[col("party")], "aggregate", "{row:?}");
+        assert_eq!(row[col("verdict")], "leaks", "{row:?}");
+    }
+}
+
+#[test]
 fn bad_attack_settings_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     for (setting, named) in [

@@ -159,6 +159,69 @@ fn same_seed_gives_identical_results() {
 }
 
 #[test]
+fn a_single_client_keeps_its_own_capture_beside_the_aggregate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedleak(
+        tmp.path(),
+        &[
+            "train",
+            "--model",
+            "vit-tiny-32",
+            "--clients",
+            "1",
+            "--rounds",
+            "1",
+            "--algorithm",
+            "fedsgd",
+            "--batch-size",
+            "1",
+            "--out",
+            "run",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    let listed: Vec<&str> = summary["captures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert!(listed[0].ends_with("client-0") && listed[1].ends_with("aggregate"));
+    let round = tmp.path().join("run/captures/round-0001");
+    let sidecar = |party: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(round.join(party).join("update.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    assert!(sidecar("client-0").get("aggregate_of").is_none());
+    assert_eq!(sidecar("aggregate")["aggregate_of"], serde_json::json!([0]));
+    assert!(tmp
+        .path()
+        .join("run/private/round-0001/aggregate.json")
+        .is_file());
+    // The aggregate of one client is that client's update: the single-image closed form applies.
+    let attack = fedleak(
+        tmp.path(),
+        &[
+            "--quiet",
+            "attack",
+            "--capture",
+            "run/captures/round-0001/aggregate",
+            "--attack",
+            "april",
+            "--out",
+            "april",
+        ],
+    );
+    assert_eq!(attack.status.code(), Some(0), "{}", stderr(&attack));
+    let result: serde_json::Value = serde_json::from_str(stdout(&attack).trim()).unwrap();
+    assert!(result["psnr_db_mean"].as_f64().unwrap() > 60.0, "{result}");
+}
+
+#[test]
 fn fedsgd_capture_is_exactly_the_gradient_of_the_private_batch() {
     let tmp = tempfile::tempdir().unwrap();
     let out = fedleak(

@@ -50,7 +50,8 @@ pub fn attacker_view(
 
 /// The server's view of one plain capture: the decoded update and how it was produced (from the
 /// sidecar, which a server knows because it sets the training plan) — one client's upload, or the
-/// aggregate of the clients its sidecar lists.
+/// aggregate of the clients its sidecar lists (an aggregate of one client is that client's update,
+/// and is observed as one).
 pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation> {
     let origin = format!(
         "capture of round {} client {}",
@@ -71,7 +72,8 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             local_steps: meta.local_steps,
         },
     };
-    Ok(if meta.aggregate_of.is_empty() {
+    // An aggregate of one client is that client's update: every single-input attack applies to it.
+    Ok(if meta.aggregate_of.len() <= 1 {
         Observation::ClientUpdate {
             update,
             source,

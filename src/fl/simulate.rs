@@ -369,6 +369,7 @@ pub fn run_federated(
                     continue;
                 };
                 observer.captured(&context.capture(
+                    false,
                     &[client],
                     &[own],
                     &view,
@@ -378,6 +379,7 @@ pub fn run_federated(
             let all: Vec<usize> = (0..clients.len()).collect();
             let everyone: Vec<&ClientRound> = clients.iter().collect();
             observer.captured(&context.capture(
+                true,
                 &all,
                 &everyone,
                 &aggregate.mean_update,
@@ -433,8 +435,11 @@ struct CaptureContext<'a> {
 impl CaptureContext<'_> {
     /// A capture of `view`, the update the party reads, produced by `members` (one client, or all of
     /// them for the aggregate). The private batch of step s is the union of the members' step-s batches.
+    /// `aggregate` marks the server's aggregate, also when it averages a single client (it is then
+    /// written beside that client's own capture, not over it).
     fn capture(
         &self,
+        aggregate: bool,
         member_ids: &[usize],
         members: &[&ClientRound],
         view: &BTreeMap<String, Tensor>,
@@ -474,7 +479,7 @@ impl CaptureContext<'_> {
             scheme: self.scheme.id().to_string(),
             seed: self.seed,
             upload_bytes: bytes,
-            aggregate_of: if member_ids.len() > 1 {
+            aggregate_of: if aggregate {
                 member_ids.to_vec()
             } else {
                 Vec::new()
