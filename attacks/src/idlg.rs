@@ -53,9 +53,16 @@ pub enum LabelOutcome {
 /// The label of one image from the classifier-bias gradient `p - onehot(y)` (or any positive multiple
 /// of it): the index of its most negative entry.
 ///
+/// A sparsified update (top-k pruning) may have dropped that entry: it has the largest magnitude
+/// (`1 - p_y` is the sum of the others) but can tie, as with two classes, where the gradient is
+/// `(e, -e)`. When no entry is negative, some are positive and exactly one is zero, the zero one is the
+/// label: every positive entry belongs to another class, and a cross-entropy gradient, whose entries
+/// sum to zero, has no zero entry beside positive ones unless one was removed.
+///
 /// # Errors
-/// [`AttackError::Numerical`] when no entry is negative (the loss is saturated, `p_y = 1` to working
-/// precision, or the vector is not a cross-entropy gradient).
+/// [`AttackError::Numerical`] when no entry is negative and the label is not determined as above (the
+/// loss is saturated, `p_y = 1` to working precision, several entries were removed, or the vector is
+/// not a cross-entropy gradient).
 ///
 /// # Example
 /// ```
@@ -63,6 +70,12 @@ pub enum LabelOutcome {
 /// // p = (0.2, 0.5, 0.3), label 1.
 /// let db = Tensor::new(&[0.2f32, -0.5, 0.3], &Device::Cpu)?;
 /// assert_eq!(fedleak_attacks::infer_label_from_bias_gradient(&db)?, 1);
+/// // Two classes, top-1 pruning kept the other class's entry: the dropped one is the label.
+/// let pruned = Tensor::new(&[0.0f32, 0.4], &Device::Cpu)?;
+/// assert_eq!(fedleak_attacks::infer_label_from_bias_gradient(&pruned)?, 0);
+/// // Saturated: nothing determines the label.
+/// let saturated = Tensor::new(&[0.0f32, 0.0], &Device::Cpu)?;
+/// assert!(fedleak_attacks::infer_label_from_bias_gradient(&saturated).is_err());
 /// # Ok::<(), fedleak_attacks::AttackError>(())
 /// ```
 pub fn infer_label_from_bias_gradient(bias_grad: &Tensor) -> Result<u32> {
@@ -75,12 +88,19 @@ pub fn infer_label_from_bias_gradient(bias_grad: &Tensor) -> Result<u32> {
             name: "bias gradient".into(),
             reason: "is empty".into(),
         })?;
+    if min == 0.0 && db.iter().any(|&v| v > 0.0) {
+        let mut zeros = db.iter().enumerate().filter(|(_, &v)| v == 0.0);
+        if let (Some((label, _)), None) = (zeros.next(), zeros.next()) {
+            return Ok(label as u32);
+        }
+    }
     if min.is_nan() || min >= 0.0 {
         return Err(AttackError::Numerical {
             attack: ATTACK,
             reason: format!(
-                "no entry of the bias gradient is negative (smallest {min}): the loss is saturated \
-                 or the gradient is not one of softmax cross-entropy"
+                "no entry of the bias gradient is negative (smallest {min}) and no single entry \
+                 was removed: the loss is saturated or the gradient is not one of softmax \
+                 cross-entropy"
             ),
         });
     }
@@ -98,7 +118,7 @@ pub fn infer_label_from_bias_gradient(bias_grad: &Tensor) -> Result<u32> {
 ///
 /// # Errors
 /// [`AttackError::Observation`] when the update lacks the classifier bias; [`AttackError::Numerical`]
-/// when no entry is negative.
+/// when the bias gradient does not determine the label (see [`infer_label_from_bias_gradient`]).
 pub fn infer_label_idlg(
     observation: &Observation,
     model: &dyn TargetModel,
