@@ -238,7 +238,8 @@ impl InvertingGradientsConfig {
     /// the default 400 (on the sin-cos IHC tiles, 1000 iterations gave 22.40 / 20.94 dB against
     /// 22.44 / 21.13 dB at 400), a batch keeps improving ([`BATCH_ITERATIONS`]; batch 8 of those tiles:
     /// 15.8 dB at 300, 18.1 dB at 1000, 18.8 dB at 2000 iterations on one client; over both clients' 16
-    /// images 17.25 dB at 1000 and 18.12 dB at 2000 iterations, 1 restart).
+    /// images 17.25 dB at 1000 and 18.12 dB at 2000 iterations, 1 restart; re-measured on 2026-12-02
+    /// at 2000 iterations: 17.49 dB with 1 restart, 18.12 dB with `fedleak attack`'s default 2).
     ///
     /// ```
     /// use fedleak_attacks::{InvertingGradientsConfig, BATCH_ITERATIONS};
