@@ -121,6 +121,24 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
         assert!(stderr(&out).contains(named), "{}", stderr(&out));
         assert!(!dir.join("refused").exists());
     }
+    for option in ["--iterations", "--restarts", "--restart-workers"] {
+        let out = fedleak(
+            dir,
+            &[
+                "attack",
+                "--capture",
+                "run/captures/round-0001/client-1",
+                "--attack",
+                "ig",
+                option,
+                "0",
+                "--out",
+                "refused",
+            ],
+        );
+        util::assert_bad_input(&out, &[option]);
+        assert!(!dir.join("refused").exists());
+    }
     let linear = attack(dir, "aggregate", "linear");
     assert!(linear["not_applicable"].is_string(), "{linear}");
 

@@ -282,6 +282,18 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         ))
         .into());
     }
+    for (option, value) in [
+        ("--iterations", args.iterations),
+        ("--restarts", Some(args.restarts)),
+        ("--restart-workers", args.restart_workers),
+    ] {
+        if value == Some(0) {
+            return Err(UsageError(format!(
+                "`{option} 0`: an optimisation attack needs at least one\nhint: leave `{option}` out for the default, or give 1 or more"
+            ))
+            .into());
+        }
+    }
     let capture = read_capture(&args.capture, true, &device)?;
     let precision = match args.precision {
         PrecisionArg::F32 => AttackPrecision::F32,
