@@ -177,3 +177,28 @@ fn invalid_partition_and_rounds_are_named() {
     let out = train_on(tmp.path(), "fixture:digits-8x8", &["--capture-rounds", "5"]);
     assert_bad_input(&out, &["capture-rounds"]);
 }
+
+#[test]
+fn bench_settings_with_nothing_to_time_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (option, value) in [
+        ("--batch", "0"),
+        ("--iters", "0"),
+        ("--concurrent", "0"),
+        ("--local-lr", "0"),
+    ] {
+        let out = fedleak(
+            tmp.path(),
+            &[
+                "bench",
+                "--step",
+                "attack",
+                "--model",
+                "vit-nano-32",
+                option,
+                value,
+            ],
+        );
+        assert_bad_input(&out, &[option]);
+    }
+}

@@ -17,7 +17,7 @@ use fedleak_attacks::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{select_device, GlobalArgs};
+use super::{select_device, GlobalArgs, UsageError};
 
 /// Which step to time.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -77,6 +77,25 @@ impl BenchArgs {
 
 /// Prints `RESULT impl=fedleak model=.. batch=.. iters=.. fwd_bwd1_median_ms=.. all=[..]`.
 pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
+    for (option, value) in [
+        ("--batch", args.batch),
+        ("--iters", args.iters),
+        ("--concurrent", args.concurrent),
+    ] {
+        if value == 0 {
+            return Err(UsageError(format!(
+                "`{option} 0`: nothing to time\nhint: give 1 or more (or leave `{option}` out for the default)"
+            ))
+            .into());
+        }
+    }
+    if !(args.local_lr.is_finite() && args.local_lr > 0.0) {
+        return Err(UsageError(format!(
+            "`--local-lr {}` is not a positive number\nhint: use e.g. `--local-lr 0.01`",
+            args.local_lr
+        ))
+        .into());
+    }
     let device = select_device(global.device)?;
     let preset = ModelPreset::from_name(&args.model)?;
     let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
