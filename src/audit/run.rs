@@ -236,19 +236,10 @@ impl FlObserver for Collector<'_> {
     }
 
     fn captured(&mut self, capture: &Capture) -> Result<()> {
-        let aggregate = !capture.meta.aggregate_of.is_empty();
-        if aggregate || self.wanted_clients.contains(&capture.meta.client) {
+        if capture.meta.is_aggregate() || self.wanted_clients.contains(&capture.meta.client) {
             self.captures.push(capture.clone());
         }
         Ok(())
-    }
-}
-
-fn party(capture: &Capture) -> String {
-    if capture.meta.aggregate_of.is_empty() {
-        format!("client-{}", capture.meta.client)
-    } else {
-        "aggregate".to_string()
     }
 }
 
@@ -620,14 +611,15 @@ pub fn run_audit(
             |rounds: usize| scheme.dp_guarantee(rounds as u64, sampling_rate, steps_per_round);
         let mut scheme_rows: Vec<SummaryRow> = Vec::new();
         for capture in &collector.captures {
+            let party = capture.meta.party();
             let round = capture.meta.round;
             let record = &trained.rounds[round - 1];
             let base_row = SummaryRow {
                 dp_epsilon: guarantee(round).map(|g| g.0),
                 dp_delta: guarantee(round).map(|g| g.1),
-                ..SummaryRow::for_round(&id, &parameters, record, &party(capture))
+                ..SummaryRow::for_round(&id, &parameters, record, &party)
             };
-            let is_aggregate = !capture.meta.aggregate_of.is_empty();
+            let is_aggregate = capture.meta.is_aggregate();
             for threat in &threat_models {
                 let applies = match &threat.view {
                     View::ClientUpdates => !is_aggregate,
@@ -644,7 +636,7 @@ pub fn run_audit(
                     progress.step(&format!(
                         "`{id}`: {} attacks the {} upload of round {round} with {}",
                         threat.id,
-                        party(capture),
+                        party,
                         kind.id()
                     ));
                     let mut row = SummaryRow {
@@ -668,7 +660,7 @@ pub fn run_audit(
                                 &reconstruction,
                                 &private,
                                 &baseline,
-                                (&id, &threat.id, round, &party(capture)),
+                                (&id, &threat.id, round, &party),
                                 config,
                             )?;
                             let psnr: Vec<f64> = scored.rows.iter().map(|r| r.psnr_db).collect();

@@ -20,7 +20,7 @@ use fedleak_attacks::{
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
 
-use super::{select_device, GlobalArgs, UsageError};
+use super::{at_least_one, select_device, GlobalArgs, UsageError};
 
 /// Which attack to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -81,14 +81,14 @@ pub struct AttackArgs {
     pub attack: AttackArg,
     /// Optimisation iterations per restart [default: 400 for one image, 2000 for a batch or an
     /// aggregate, which keep improving longer].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub iterations: Option<usize>,
     /// Random restarts (the best by matching objective is kept, never by ground truth).
-    #[arg(long, default_value_t = InvertingGradientsConfig::default().restarts)]
+    #[arg(long, default_value_t = InvertingGradientsConfig::default().restarts, value_parser = at_least_one)]
     pub restarts: usize,
     /// Restarts run at once, each on its own thread with one kernel thread unless `--threads` says
     /// otherwise [default: the number of cores].
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub restart_workers: Option<usize>,
     /// How Inverting Gradients optimises the image: signed Adam (its default) or L-BFGS (then with
     /// the exact double-backward input gradient, which L-BFGS's line search needs). DLG always uses
@@ -281,18 +281,6 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             args.capture.display()
         ))
         .into());
-    }
-    for (option, value) in [
-        ("--iterations", args.iterations),
-        ("--restarts", Some(args.restarts)),
-        ("--restart-workers", args.restart_workers),
-    ] {
-        if value == Some(0) {
-            return Err(UsageError(format!(
-                "`{option} 0`: an optimisation attack needs at least one\nhint: leave `{option}` out for the default, or give 1 or more"
-            ))
-            .into());
-        }
     }
     let capture = read_capture(&args.capture, true, &device)?;
     let precision = match args.precision {

@@ -17,7 +17,7 @@ use fedleak_attacks::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{select_device, GlobalArgs, UsageError};
+use super::{at_least_one, positive_number, select_device, GlobalArgs};
 
 /// Which step to time.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -46,10 +46,10 @@ pub struct BenchArgs {
     #[arg(long, default_value = "vit-tiny-32")]
     pub model: String,
     /// Images per batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub batch: usize,
     /// Timed iterations.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     pub iters: usize,
     /// Untimed warm-up iterations.
     #[arg(long, default_value_t = 3)]
@@ -57,14 +57,14 @@ pub struct BenchArgs {
     /// Attack steps run at once on their own threads, as concurrent restarts run (with one kernel
     /// thread each unless `--threads` says otherwise); an iteration's time is then the wall time of
     /// the round divided by this, the effective time per step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub concurrent: usize,
     /// For the attack steps: match a FedAvg weight delta of this many local SGD steps (unrolled by
     /// the attack) instead of a gradient; 0 matches a gradient.
     #[arg(long, default_value_t = 0)]
     pub local_steps: usize,
     /// Learning rate of those local steps.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, value_parser = positive_number)]
     pub local_lr: f64,
 }
 
@@ -77,25 +77,6 @@ impl BenchArgs {
 
 /// Prints `RESULT impl=fedleak model=.. batch=.. iters=.. fwd_bwd1_median_ms=.. all=[..]`.
 pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
-    for (option, value) in [
-        ("--batch", args.batch),
-        ("--iters", args.iters),
-        ("--concurrent", args.concurrent),
-    ] {
-        if value == 0 {
-            return Err(UsageError(format!(
-                "`{option} 0`: nothing to time\nhint: give 1 or more (or leave `{option}` out for the default)"
-            ))
-            .into());
-        }
-    }
-    if !(args.local_lr.is_finite() && args.local_lr > 0.0) {
-        return Err(UsageError(format!(
-            "`--local-lr {}` is not a positive number\nhint: use e.g. `--local-lr 0.01`",
-            args.local_lr
-        ))
-        .into());
-    }
     let device = select_device(global.device)?;
     let preset = ModelPreset::from_name(&args.model)?;
     let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();

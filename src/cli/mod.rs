@@ -140,6 +140,27 @@ pub fn init_logging(quiet: bool) {
         .init();
 }
 
+/// A count of at least one (iterations, restarts, images): the value parser of such options, so that
+/// 0 is refused before anything runs (exit 2, naming the option).
+pub fn at_least_one(text: &str) -> std::result::Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(value) if value >= 1 => Ok(value),
+        _ => Err(format!(
+            "`{text}` is not a count of at least 1\nhint: give 1 or more, or leave the option out for its default"
+        )),
+    }
+}
+
+/// A finite number > 0 (a learning rate): the value parser of such options.
+pub fn positive_number(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err(format!(
+            "`{text}` is not a positive number\nhint: give a finite number > 0, e.g. 0.01"
+        )),
+    }
+}
+
 /// The device a command runs on; `cuda` without the `cuda` feature is a usage error.
 pub fn select_device(arg: DeviceArg) -> Result<Device> {
     match arg {

@@ -72,6 +72,24 @@ pub struct CaptureMeta {
     pub aggregate_of: Vec<usize>,
 }
 
+impl CaptureMeta {
+    /// Whether this is the server's aggregate (of one client or several) rather than one client's
+    /// upload.
+    pub fn is_aggregate(&self) -> bool {
+        !self.aggregate_of.is_empty()
+    }
+
+    /// The party's name in paths and reports: `client-K` for one client's upload, `aggregate` for the
+    /// aggregate.
+    pub fn party(&self) -> String {
+        if self.is_aggregate() {
+            "aggregate".to_string()
+        } else {
+            format!("client-{}", self.client)
+        }
+    }
+}
+
 /// The private images behind a captured update, as indices into the training split; for scoring only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,19 +119,10 @@ fn round_dir(root: &Path, round: usize) -> PathBuf {
     root.join("captures").join(format!("round-{round:04}"))
 }
 
-/// `client-K` for one client's update, `aggregate` for the aggregate of several.
-fn party_name(meta: &CaptureMeta) -> String {
-    if meta.aggregate_of.is_empty() {
-        format!("client-{}", meta.client)
-    } else {
-        "aggregate".to_string()
-    }
-}
-
 fn private_path(root: &Path, meta: &CaptureMeta) -> PathBuf {
     root.join("private")
         .join(format!("round-{:04}", meta.round))
-        .join(format!("{}.json", party_name(meta)))
+        .join(format!("{}.json", meta.party()))
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -129,7 +138,7 @@ pub fn write_capture(root: &Path, capture: &Capture) -> Result<PathBuf> {
     if !global_dir.join(crate::model::WEIGHTS_FILE).exists() {
         save_checkpoint(&global_dir, &capture.global)?;
     }
-    let update_dir = round_dir(root, round).join(party_name(&capture.meta));
+    let update_dir = round_dir(root, round).join(capture.meta.party());
     std::fs::create_dir_all(&update_dir).map_err(|e| Error::io(&update_dir, e))?;
     let weights = update_dir.join("update.safetensors");
     std::fs::write(&weights, capture.transmission.as_bytes())
