@@ -18,6 +18,7 @@ pub fn fedleak(dir: &Path, args: &[&str]) -> Output {
         .env("NO_COLOR", "1")
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LOG")
+        .env_remove("FEDLEAK_SKIP_MEMORY_CHECK")
         .output()
         .expect("the fedleak binary runs")
 }

@@ -73,6 +73,17 @@ pub struct UpdateView<'a> {
     pub images: usize,
 }
 
+impl UpdateView<'_> {
+    /// Local SGD steps an attack unrolls to simulate this update (1 for a gradient, or for a delta
+    /// it cannot unroll and matches as a gradient).
+    pub fn unrolled_steps(&self) -> usize {
+        match self.source {
+            UpdateSource::SgdDelta { local_steps, .. } => (*local_steps).max(1),
+            UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => 1,
+        }
+    }
+}
+
 impl Observation {
     /// The same observation with its tensors converted to `dtype`: an attacker may simulate updates
     /// in higher precision than the clients computed them.

@@ -645,6 +645,30 @@ pub fn run_audit(
                         batch_size: private.1.len(),
                         ..base_row.clone()
                     };
+                    // DLG's exact double backward on a model too large for this machine's memory
+                    // would get the whole audit killed: that attack is skipped, with the reason.
+                    let shortfall = observation
+                        .update_view()
+                        .ok()
+                        .filter(|_| kind == AttackKind::Dlg)
+                        .and_then(|view| {
+                            crate::model::exact_step_memory_shortfall(
+                                &capture.global.config,
+                                view.images,
+                                view.unrolled_steps(),
+                                config.attack.precision.dtype().size_in_bytes(),
+                            )
+                        });
+                    if let Some((needed, available)) = shortfall {
+                        row.reason = format!(
+                            "not run: its exact double backward needs about {:.1} GB here, {:.1} GB is available (set {}=1 to try anyway)",
+                            needed as f64 / 1e9,
+                            available as f64 / 1e9,
+                            crate::model::SKIP_MEMORY_CHECK
+                        );
+                        scheme_rows.push(row);
+                        continue;
+                    }
                     // An attack that breaks down on what this party sees (e.g. the closed form on a
                     // pruned gradient whose token gradients are zero) is a finding, not an audit failure.
                     match run_attack(kind, &observation, &target, reference.as_ref(), config) {

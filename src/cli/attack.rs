@@ -20,7 +20,7 @@ use fedleak_attacks::{
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
 
-use super::{at_least_one, select_device, GlobalArgs, UsageError};
+use super::{at_least_one, refuse_exact_step_beyond_memory, select_device, GlobalArgs, UsageError};
 
 /// Which attack to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -159,10 +159,23 @@ impl AttackArgs {
     /// default Inverting Gradients (finite differences), the closed form, labels and the linear
     /// attack are first-order only.
     pub fn needs_second_order_gradients(&self) -> bool {
-        self.attack == AttackArg::Dlg
-            || self.optimizer == OptimizerArg::Lbfgs
-            || self.joint_labels
-            || self.input_gradient == InputGradientArg::Exact
+        self.exact_step_option().is_some()
+    }
+
+    /// The option that makes the attack take an exact double backward, as the user wrote it; `None`
+    /// when it takes none.
+    pub fn exact_step_option(&self) -> Option<&'static str> {
+        if self.attack == AttackArg::Dlg {
+            Some("`--attack dlg`")
+        } else if self.optimizer == OptimizerArg::Lbfgs {
+            Some("`--optimizer lbfgs`")
+        } else if self.joint_labels {
+            Some("`--joint-labels`")
+        } else if self.input_gradient == InputGradientArg::Exact {
+            Some("`--input-gradient exact`")
+        } else {
+            None
+        }
     }
 
     /// How many restarts run at once: `--restart-workers` (default: the number of cores), at most
@@ -288,6 +301,16 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         PrecisionArg::F64 => AttackPrecision::F64,
     };
     let (target, observation) = attacker_view(&capture, precision, &device)?;
+    if let (Some(what), Ok(view)) = (args.exact_step_option(), observation.update_view()) {
+        refuse_exact_step_beyond_memory(
+            &capture.global.config,
+            view.images,
+            view.unrolled_steps(),
+            precision.dtype().size_in_bytes(),
+            what,
+            "use Inverting Gradients (`--attack ig` or `auto`) with its default finite-difference input gradient, which needs a fraction of that",
+        )?;
+    }
     let reference = load_label_reference(&capture, &args, &device)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create `{}`", args.out.display()))?;

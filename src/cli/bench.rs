@@ -17,7 +17,9 @@ use fedleak_attacks::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{at_least_one, positive_number, select_device, GlobalArgs};
+use super::{
+    at_least_one, positive_number, refuse_exact_step_beyond_memory, select_device, GlobalArgs,
+};
 
 /// Which step to time.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -81,6 +83,16 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let preset = ModelPreset::from_name(&args.model)?;
     let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     let config = preset.config(&classes, PositionEmbeddingKind::Learnable);
+    if args.needs_second_order_gradients() {
+        refuse_exact_step_beyond_memory(
+            &config,
+            args.batch,
+            args.local_steps.max(1),
+            DType::F32.size_in_bytes(),
+            "`--step attack-exact`",
+            "time `--step attack` (the finite-difference step `fedleak attack` runs)",
+        )?;
+    }
     let tensors = init_parameters(&config, global.seed(), DType::F32, &device)?;
     let mut rng = StdRng::seed_from_u64(global.seed());
     let side = config.image_size;

@@ -173,6 +173,34 @@ pub fn select_device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
+/// Refuses (exit code 2, before any work) an exact double-backward step on `images` images of
+/// `local_steps` unrolled steps that would not fit in the memory available now, instead of letting the
+/// kernel kill the process part-way (see `fedleak::model::exact_attack_step_bytes`). `what` names the
+/// option that asked for the step, `instead` what to use in its place.
+pub fn refuse_exact_step_beyond_memory(
+    config: &fedleak::model::VitConfig,
+    images: usize,
+    local_steps: usize,
+    element_bytes: usize,
+    what: &str,
+    instead: &str,
+) -> Result<()> {
+    let Some((needed, available)) =
+        fedleak::model::exact_step_memory_shortfall(config, images, local_steps, element_bytes)
+    else {
+        return Ok(());
+    };
+    let gb = |bytes: u64| bytes as f64 / 1e9;
+    Err(UsageError(format!(
+        "{what} takes an exact double backward through candle, which on this model ({} parameters) with {images} image(s) and {local_steps} local step(s) needs about {:.1} GB (estimated from measured peak memory), but {:.1} GB is available\nhint: {instead}, use a smaller model, or a machine with more memory; set {}=1 to try anyway",
+        fedleak::model::parameter_count(config),
+        gb(needed),
+        gb(available),
+        fedleak::model::SKIP_MEMORY_CHECK,
+    ))
+    .into())
+}
+
 /// A usage error raised by the binary itself (exit code 2).
 #[derive(Debug)]
 pub struct UsageError(pub String);

@@ -11,6 +11,7 @@ mod checkpoint;
 mod config;
 mod init;
 mod layers;
+mod memory;
 mod target;
 mod vit;
 
@@ -22,5 +23,9 @@ pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
 pub use fedleak_attacks::one_hot;
 pub use init::init_parameters;
 pub use layers::{cross_entropy, gelu, layer_norm, softmax_last_dim};
+pub use memory::{
+    available_memory_bytes, exact_attack_step_bytes, exact_step_memory_shortfall, parameter_count,
+    SKIP_MEMORY_CHECK,
+};
 pub use target::VitTarget;
 pub use vit::{sincos_position_embedding, Vit};
