@@ -203,27 +203,27 @@ fn bench_settings_with_nothing_to_time_are_named() {
     }
 }
 
-/// An exact double backward far beyond any machine's memory (ViT-B/16 at batch 256: terabytes by
-/// the measured estimate) is refused before anything is allocated, naming the option and the way
-/// around the check, instead of being killed by the kernel part-way.
+/// An attack step far beyond any machine's memory (ViT-B/16 at batch 256 for the exact double
+/// backward, at batch 4096 for the finite-difference step: terabytes by the measured estimates) is
+/// refused before anything is allocated, naming the step and the way around the check, instead of
+/// being killed by the kernel part-way.
 #[cfg(target_os = "linux")]
 #[test]
-fn an_exact_step_beyond_memory_is_refused_up_front() {
+fn an_attack_step_beyond_memory_is_refused_up_front() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = fedleak(
-        tmp.path(),
-        &[
-            "bench",
-            "--step",
-            "attack-exact",
-            "--model",
-            "vit-b16-224",
-            "--batch",
-            "256",
-        ],
-    );
-    assert_bad_input(
-        &out,
-        &["--step attack-exact", "GB", "FEDLEAK_SKIP_MEMORY_CHECK"],
-    );
+    for (step, batch) in [("attack-exact", "256"), ("attack", "4096")] {
+        let out = fedleak(
+            tmp.path(),
+            &[
+                "bench",
+                "--step",
+                step,
+                "--model",
+                "vit-b16-224",
+                "--batch",
+                batch,
+            ],
+        );
+        assert_bad_input(&out, &["--step", "GB", "FEDLEAK_SKIP_MEMORY_CHECK"]);
+    }
 }

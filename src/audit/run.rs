@@ -645,23 +645,29 @@ pub fn run_audit(
                         batch_size: private.1.len(),
                         ..base_row.clone()
                     };
-                    // DLG's exact double backward on a model too large for this machine's memory
-                    // would get the whole audit killed: that attack is skipped, with the reason.
-                    let shortfall = observation
-                        .update_view()
-                        .ok()
-                        .filter(|_| kind == AttackKind::Dlg)
-                        .and_then(|view| {
-                            crate::model::exact_step_memory_shortfall(
+                    // An optimisation attack too large for this machine's memory (DLG's exact
+                    // double backward, or any attack on a large model's big aggregate) would get the
+                    // whole audit killed: that attack is skipped, with the reason.
+                    let step_kind = match kind {
+                        AttackKind::April => None,
+                        AttackKind::Ig => Some(crate::model::AttackStepKind::FiniteDifference),
+                        AttackKind::Dlg => Some(crate::model::AttackStepKind::Exact),
+                    };
+                    let shortfall = step_kind.zip(observation.update_view().ok()).and_then(
+                        |(step_kind, view)| {
+                            crate::model::attack_memory_shortfall(
                                 &capture.global.config,
+                                step_kind,
                                 view.images,
                                 view.unrolled_steps(),
                                 config.attack.precision.dtype().size_in_bytes(),
+                                1,
                             )
-                        });
+                        },
+                    );
                     if let Some((needed, available)) = shortfall {
                         row.reason = format!(
-                            "not run: its exact double backward needs about {:.1} GB here, {:.1} GB is available (set {}=1 to try anyway)",
+                            "not run: it needs about {:.1} GB of memory here, {:.1} GB is available (set {}=1 to try anyway)",
                             needed as f64 / 1e9,
                             available as f64 / 1e9,
                             crate::model::SKIP_MEMORY_CHECK

@@ -10,7 +10,7 @@ use clap::ValueEnum;
 use fedleak::audit::{attacker_view, private_images, AttackPrecision};
 use fedleak::data::{load_data, DataSpec};
 use fedleak::fl::read_capture;
-use fedleak::model::VitTarget;
+use fedleak::model::{AttackStepKind, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_gradients, reconstruct_april, recover_classifier_input,
@@ -20,7 +20,10 @@ use fedleak_attacks::{
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
 
-use super::{at_least_one, refuse_exact_step_beyond_memory, select_device, GlobalArgs, UsageError};
+use super::{
+    at_least_one, refuse_attack_step_beyond_memory, select_device, GlobalArgs, PlannedAttackStep,
+    UsageError,
+};
 
 /// Which attack to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -301,21 +304,14 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         PrecisionArg::F64 => AttackPrecision::F64,
     };
     let (target, observation) = attacker_view(&capture, precision, &device)?;
-    if let (Some(what), Ok(view)) = (args.exact_step_option(), observation.update_view()) {
-        refuse_exact_step_beyond_memory(
-            &capture.global.config,
-            view.images,
-            view.unrolled_steps(),
-            precision.dtype().size_in_bytes(),
-            what,
-            "use Inverting Gradients (`--attack ig` or `auto`) with its default finite-difference input gradient, which needs a fraction of that",
-        )?;
-    }
     let reference = load_label_reference(&capture, &args, &device)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create `{}`", args.out.display()))?;
+    let create_out = || {
+        std::fs::create_dir_all(&args.out)
+            .with_context(|| format!("cannot create `{}`", args.out.display()))
+    };
     match args.attack {
         AttackArg::Idlg => {
+            create_out()?;
             return run_labels(
                 &capture,
                 &observation,
@@ -323,9 +319,12 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
                 reference.as_ref(),
                 &args,
                 &device,
-            )
+            );
         }
-        AttackArg::Linear => return run_linear(&capture, &observation, &target, &args, &device),
+        AttackArg::Linear => {
+            create_out()?;
+            return run_linear(&capture, &observation, &target, &args, &device);
+        }
         _ => {}
     }
     let defaults = InvertingGradientsConfig::for_observation(&observation);
@@ -366,6 +365,37 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         AttackArg::Auto | AttackArg::April => Some(reconstruct_april(&observation, &target)?),
         AttackArg::Ig | AttackArg::Dlg | AttackArg::Idlg | AttackArg::Linear => None,
     };
+    let optimises = !matches!(closed_form, Some(AttackOutcome::Reconstructed(_)))
+        && args.attack != AttackArg::April;
+    if let (true, Ok(view)) = (optimises, observation.update_view()) {
+        let exact = config.input_gradient == InputGradient::DoubleBackward || args.joint_labels;
+        let (kind, what, instead) = if exact {
+            (
+                AttackStepKind::Exact,
+                args.exact_step_option().unwrap_or("`--input-gradient exact`"),
+                "use Inverting Gradients (`--attack ig` or `auto`) with its default finite-difference input gradient, which needs a fraction of that",
+            )
+        } else {
+            (
+                AttackStepKind::FiniteDifference,
+                "Inverting Gradients",
+                "run the restarts one after the other (`--restart-workers 1`)",
+            )
+        };
+        refuse_attack_step_beyond_memory(
+            &PlannedAttackStep {
+                config: &capture.global.config,
+                kind,
+                images: view.images,
+                local_steps: view.unrolled_steps(),
+                element_bytes: precision.dtype().size_in_bytes(),
+                concurrent: config.restart_workers,
+            },
+            what,
+            instead,
+        )?;
+    }
+    create_out()?;
     let outcome = match (args.attack, closed_form) {
         (AttackArg::April, Some(outcome)) => outcome,
         (_, Some(outcome @ AttackOutcome::Reconstructed(_))) => outcome,

@@ -8,8 +8,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use clap::ValueEnum;
 use fedleak::model::{
-    cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
-    VitTarget,
+    cross_entropy, init_parameters, one_hot, AttackStepKind, Checkpoint, ModelPreset,
+    PositionEmbeddingKind, VitTarget,
 };
 use fedleak_attacks::{
     GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, TargetModel,
@@ -18,7 +18,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{
-    at_least_one, positive_number, refuse_exact_step_beyond_memory, select_device, GlobalArgs,
+    at_least_one, positive_number, refuse_attack_step_beyond_memory, select_device, GlobalArgs,
+    PlannedAttackStep,
 };
 
 /// Which step to time.
@@ -83,14 +84,29 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     let preset = ModelPreset::from_name(&args.model)?;
     let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
     let config = preset.config(&classes, PositionEmbeddingKind::Learnable);
-    if args.needs_second_order_gradients() {
-        refuse_exact_step_beyond_memory(
-            &config,
-            args.batch,
-            args.local_steps.max(1),
-            DType::F32.size_in_bytes(),
-            "`--step attack-exact`",
-            "time `--step attack` (the finite-difference step `fedleak attack` runs)",
+    let planned = match args.step {
+        StepArg::Train => None,
+        StepArg::AttackExact => Some((
+            AttackStepKind::Exact,
+            "lower `--batch` or `--concurrent`, or time `--step attack` (the finite-difference step)",
+        )),
+        StepArg::Attack | StepArg::AttackForward | StepArg::AttackCentral => Some((
+            AttackStepKind::FiniteDifference,
+            "lower `--batch` or `--concurrent`",
+        )),
+    };
+    if let Some((kind, instead)) = planned {
+        refuse_attack_step_beyond_memory(
+            &PlannedAttackStep {
+                config: &config,
+                kind,
+                images: args.batch,
+                local_steps: args.local_steps.max(1),
+                element_bytes: DType::F32.size_in_bytes(),
+                concurrent: args.concurrent,
+            },
+            "this `--step`",
+            instead,
         )?;
     }
     let tensors = init_parameters(&config, global.seed(), DType::F32, &device)?;

@@ -173,28 +173,55 @@ pub fn select_device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-/// Refuses (exit code 2, before any work) an exact double-backward step on `images` images of
-/// `local_steps` unrolled steps that would not fit in the memory available now, instead of letting the
-/// kernel kill the process part-way (see `fedleak::model::exact_attack_step_bytes`). `what` names the
-/// option that asked for the step, `instead` what to use in its place.
-pub fn refuse_exact_step_beyond_memory(
-    config: &fedleak::model::VitConfig,
-    images: usize,
-    local_steps: usize,
-    element_bytes: usize,
+/// An attack step a command is about to run, as the memory check sees it.
+pub struct PlannedAttackStep<'a> {
+    /// The attacked model.
+    pub config: &'a fedleak::model::VitConfig,
+    /// How the step takes its input gradient.
+    pub kind: fedleak::model::AttackStepKind,
+    /// Images behind the attacked update.
+    pub images: usize,
+    /// Local SGD steps the attack unrolls (1 for a gradient).
+    pub local_steps: usize,
+    /// Bytes per tensor element (4 for f32, 8 for f64).
+    pub element_bytes: usize,
+    /// Steps running at once (restarts on separate threads).
+    pub concurrent: usize,
+}
+
+/// Refuses (exit code 2, before any work) an attack step that would not fit in the memory available
+/// now, instead of letting the kernel kill the process part-way (see
+/// `fedleak::model::attack_step_bytes`). `what` names what asked for the step, `instead` what to do
+/// in its place.
+pub fn refuse_attack_step_beyond_memory(
+    step: &PlannedAttackStep,
     what: &str,
     instead: &str,
 ) -> Result<()> {
-    let Some((needed, available)) =
-        fedleak::model::exact_step_memory_shortfall(config, images, local_steps, element_bytes)
-    else {
+    let Some((needed, available)) = fedleak::model::attack_memory_shortfall(
+        step.config,
+        step.kind,
+        step.images,
+        step.local_steps,
+        step.element_bytes,
+        step.concurrent,
+    ) else {
         return Ok(());
     };
     let gb = |bytes: u64| bytes as f64 / 1e9;
+    let method = match step.kind {
+        fedleak::model::AttackStepKind::Exact => "the exact double backward through candle",
+        fedleak::model::AttackStepKind::FiniteDifference => {
+            "finite-difference Hessian-vector products"
+        }
+    };
     Err(UsageError(format!(
-        "{what} takes an exact double backward through candle, which on this model ({} parameters) with {images} image(s) and {local_steps} local step(s) needs about {:.1} GB (estimated from measured peak memory), but {:.1} GB is available\nhint: {instead}, use a smaller model, or a machine with more memory; set {}=1 to try anyway",
-        fedleak::model::parameter_count(config),
+        "{what} needs about {:.1} GB of memory here ({method} on a model of {} parameters, {} image(s), {} local step(s), {} at once; estimated from measured peak memory), but {:.1} GB is available\nhint: {instead}, use a smaller model, or a machine with more memory; set {}=1 to try anyway",
         gb(needed),
+        fedleak::model::parameter_count(step.config),
+        step.images,
+        step.local_steps,
+        step.concurrent,
         gb(available),
         fedleak::model::SKIP_MEMORY_CHECK,
     ))

@@ -1,32 +1,61 @@
-//! How much memory an exact double-backward attack step takes, so that commands which need one can
-//! refuse up front instead of being killed by the kernel half-way through.
+//! How much memory an attack step takes, so that commands which run one can refuse up front (or an
+//! audit skip that attack) instead of being killed by the kernel part-way through.
 //!
-//! candle keeps the whole graph of the first backward pass for the second, and computes the
-//! second-order gradient of every parameter as well as of the images; the step's peak resident memory
-//! therefore grows with the parameter count and with the activations of every image. The estimate is
-//! a fit of peak RSS measured with `/usr/bin/time -f %M fedleak bench --step attack-exact --model M
-//! --batch B --iters 2 --warmup 0` (release build, f32, 2026-12-03):
+//! The step's peak resident memory grows with the parameter count (the model, the simulated update,
+//! the finite-difference sweep's parameter copies) and with the activations of every image. The exact
+//! double backward keeps far more: candle keeps the whole graph of the first backward pass for the
+//! second and computes the second-order gradient of every parameter as well as of the images. Both
+//! estimates are fits of peak RSS measured with `/usr/bin/time -f %M fedleak bench --step S --model M
+//! --batch B [--local-steps K] [--concurrent C] --iters 1 --warmup 0` (release build, f32,
+//! 2026-12-03):
 //!
-//! | model, batch | measured | estimate |
+//! | step, model, batch | measured | estimate |
 //! |---|---|---|
-//! | vit-tiny-32, 1 / 2 / 4 / 8 | 0.80 / 1.18 / 1.94 / 3.37 GB | 0.87 / 1.25 / 2.01 / 3.52 GB |
-//! | vit-tiny-32, 1, `--local-steps 2` | 1.79 GB | 1.68 GB |
-//! | vit-micro-32, 1 / 8 | 79 / 165 MB | 97 / 175 MB |
-//! | vit-b16-224, 1 | killed past 24.4 GB on a 23 GB machine | 39 GB |
+//! | exact, vit-tiny-32, 1 / 2 / 4 / 8 | 0.80 / 1.18 / 1.94 / 3.37 GB | 0.87 / 1.25 / 2.01 / 3.52 GB |
+//! | exact, vit-tiny-32, 1, 2 local steps | 1.79 GB | 1.68 GB |
+//! | exact, vit-micro-32, 1 / 8 | 79 / 165 MB | 97 / 175 MB |
+//! | exact, vit-b16-224, 1 | killed past 24.4 GB on a 23 GB machine | 39 GB |
+//! | finite difference, vit-tiny-32, 1 / 8 / 32 / 128 | 144 / 274 / 797 / 2969 MB | 122 / 282 / 830 / 3021 MB |
+//! | finite difference, vit-tiny-32, 1 / 8, 4 local steps | 186 / 333 MB | 241 / 401 MB |
+//! | finite difference, vit-b16-224, 1 / 2 / 4 | 2.54 / 3.43 / 5.37 GB | 2.73 / 3.84 / 6.07 GB |
+//! | finite difference, vit-b16-224, 1, 2 local steps | 4.46 GB | 4.61 GB |
+//! | finite difference, two at once, vit-b16-224 1 / vit-tiny-32 8 | 4.24 GB / 518 MB | 5.04 GB / 490 MB |
 //!
-//! Set `FEDLEAK_SKIP_MEMORY_CHECK=1` to run such a step whatever the estimate says.
+//! Set `FEDLEAK_SKIP_MEMORY_CHECK=1` to run a step whatever the estimate says.
 
 use super::config::{PositionEmbeddingKind, VitConfig};
 
 /// Resident memory of the process before the step (binary, allocator, data), in bytes.
 const BASELINE_BYTES: u64 = 64 << 20;
 
-/// Bytes kept per parameter byte, whatever the batch (the second-order gradients of the parameters
-/// and the parameter-sized terms of the graph).
-const PER_PARAMETER_BYTE: f64 = 59.0;
+/// How an attack step takes the input gradient of its matching objective, as far as memory goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttackStepKind {
+    /// Exact double backward through candle's autograd (DLG, L-BFGS, joint labels,
+    /// `--input-gradient exact`).
+    Exact,
+    /// Hessian-vector products by finite differences of first-order passes (Inverting Gradients'
+    /// default).
+    FiniteDifference,
+}
 
-/// Bytes kept per byte of one image's activations ([`activation_elements`]).
-const PER_ACTIVATION_BYTE: f64 = 315.0;
+impl AttackStepKind {
+    /// Bytes kept per parameter byte for the first (or only) local step, and for each further one.
+    fn per_parameter_byte(self) -> (f64, f64) {
+        match self {
+            AttackStepKind::Exact => (59.0, 59.0),
+            AttackStepKind::FiniteDifference => (4.5, 5.5),
+        }
+    }
+
+    /// Bytes kept per byte of one image's activations ([`activation_elements`]) and local step.
+    fn per_activation_byte(self) -> f64 {
+        match self {
+            AttackStepKind::Exact => 315.0,
+            AttackStepKind::FiniteDifference => 19.0,
+        }
+    }
+}
 
 /// Number of trainable values of the ViT (patch embedding, CLS token, learnable position table,
 /// blocks, final norm, classifier).
@@ -61,30 +90,59 @@ fn activation_elements(config: &VitConfig) -> u64 {
     config.num_hidden_layers as u64 * (tokens * widths + maps)
 }
 
-/// Estimated peak resident memory, in bytes, of one exact double-backward attack step on `images`
-/// images, unrolling `local_steps` local SGD steps (1 for a gradient), with tensors of
-/// `element_bytes` bytes (4 for f32, 8 for f64). See the module documentation for how well it fits.
+/// Estimated peak resident memory, in bytes, of one attack step of `kind` on `images` images,
+/// unrolling `local_steps` local SGD steps (1 for a gradient), with tensors of `element_bytes` bytes
+/// (4 for f32, 8 for f64). See the module documentation for how well it fits.
 ///
 /// ```
-/// use fedleak::model::{exact_attack_step_bytes, ModelPreset, PositionEmbeddingKind};
+/// use fedleak::model::{attack_step_bytes, AttackStepKind, ModelPreset, PositionEmbeddingKind};
 /// let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
 /// let tiny = ModelPreset::VitTiny32.config(&classes, PositionEmbeddingKind::Learnable);
 /// let base = ModelPreset::VitB16_224.config(&classes, PositionEmbeddingKind::Learnable);
 /// let gb = |bytes: u64| bytes as f64 / 1e9;
-/// assert!((0.7..1.0).contains(&gb(exact_attack_step_bytes(&tiny, 1, 1, 4))));
-/// assert!(gb(exact_attack_step_bytes(&base, 1, 1, 4)) > 30.0);
+/// assert!((0.7..1.0).contains(&gb(attack_step_bytes(&tiny, AttackStepKind::Exact, 1, 1, 4))));
+/// assert!(gb(attack_step_bytes(&base, AttackStepKind::Exact, 1, 1, 4)) > 30.0);
+/// let first_order = gb(attack_step_bytes(&base, AttackStepKind::FiniteDifference, 1, 1, 4));
+/// assert!((2.0..3.0).contains(&first_order));
 /// ```
-pub fn exact_attack_step_bytes(
+pub fn attack_step_bytes(
     config: &VitConfig,
+    kind: AttackStepKind,
     images: usize,
     local_steps: usize,
     element_bytes: usize,
 ) -> u64 {
     let element_bytes = element_bytes as f64;
-    let parameters = PER_PARAMETER_BYTE * parameter_count(config) as f64 * element_bytes;
-    let activations =
-        PER_ACTIVATION_BYTE * images as f64 * activation_elements(config) as f64 * element_bytes;
-    BASELINE_BYTES + (local_steps.max(1) as f64 * (parameters + activations)) as u64
+    let steps = local_steps.max(1) as f64;
+    let parameter_bytes = parameter_count(config) as f64 * element_bytes;
+    let activation_bytes = activation_elements(config) as f64 * element_bytes;
+    let (first, further) = kind.per_parameter_byte();
+    let step = match kind {
+        // The exact step keeps the graph of every unrolled step.
+        AttackStepKind::Exact => steps * (first * parameter_bytes),
+        AttackStepKind::FiniteDifference => (first + further * (steps - 1.0)) * parameter_bytes,
+    };
+    let activations = kind.per_activation_byte() * images as f64 * activation_bytes;
+    let activations = match kind {
+        AttackStepKind::Exact => steps * activations,
+        AttackStepKind::FiniteDifference => activations,
+    };
+    BASELINE_BYTES + (step + activations) as u64
+}
+
+/// Estimated peak resident memory of `concurrent` attack steps of [`attack_step_bytes`] running at
+/// once (restarts on separate threads): they share the process and the model, not the rest.
+pub fn concurrent_attack_steps_bytes(
+    config: &VitConfig,
+    kind: AttackStepKind,
+    images: usize,
+    local_steps: usize,
+    element_bytes: usize,
+    concurrent: usize,
+) -> u64 {
+    let one = attack_step_bytes(config, kind, images, local_steps, element_bytes);
+    let shared = BASELINE_BYTES + parameter_count(config) * element_bytes as u64;
+    one + concurrent.saturating_sub(1) as u64 * one.saturating_sub(shared)
 }
 
 /// Memory the operating system can give this process without swapping (`MemAvailable` of
@@ -98,22 +156,25 @@ pub fn available_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Environment variable that switches [`exact_step_memory_shortfall`] off.
+/// Environment variable that switches [`attack_memory_shortfall`] off.
 pub const SKIP_MEMORY_CHECK: &str = "FEDLEAK_SKIP_MEMORY_CHECK";
 
-/// `Some((needed, available))`, in bytes, when the exact double-backward step of
-/// [`exact_attack_step_bytes`] would not fit in the memory available now; `None` when it fits, when
-/// the available memory is unknown, or when [`SKIP_MEMORY_CHECK`] is set.
-pub fn exact_step_memory_shortfall(
+/// `Some((needed, available))`, in bytes, when the steps of [`concurrent_attack_steps_bytes`] would
+/// not fit in the memory available now; `None` when they fit, when the available memory is unknown,
+/// or when [`SKIP_MEMORY_CHECK`] is set.
+pub fn attack_memory_shortfall(
     config: &VitConfig,
+    kind: AttackStepKind,
     images: usize,
     local_steps: usize,
     element_bytes: usize,
+    concurrent: usize,
 ) -> Option<(u64, u64)> {
     if std::env::var_os(SKIP_MEMORY_CHECK).is_some() {
         return None;
     }
-    let needed = exact_attack_step_bytes(config, images, local_steps, element_bytes);
+    let needed =
+        concurrent_attack_steps_bytes(config, kind, images, local_steps, element_bytes, concurrent);
     let available = available_memory_bytes()?;
     (needed > available).then_some((needed, available))
 }

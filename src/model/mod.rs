@@ -24,8 +24,8 @@ pub use fedleak_attacks::one_hot;
 pub use init::init_parameters;
 pub use layers::{cross_entropy, gelu, layer_norm, softmax_last_dim};
 pub use memory::{
-    available_memory_bytes, exact_attack_step_bytes, exact_step_memory_shortfall, parameter_count,
-    SKIP_MEMORY_CHECK,
+    attack_memory_shortfall, attack_step_bytes, available_memory_bytes,
+    concurrent_attack_steps_bytes, parameter_count, AttackStepKind, SKIP_MEMORY_CHECK,
 };
 pub use target::VitTarget;
 pub use vit::{sincos_position_embedding, Vit};
