@@ -653,18 +653,20 @@ pub fn run_audit(
                         AttackKind::Ig => Some(crate::model::AttackStepKind::FiniteDifference),
                         AttackKind::Dlg => Some(crate::model::AttackStepKind::Exact),
                     };
-                    let shortfall = step_kind.zip(observation.update_view().ok()).and_then(
-                        |(step_kind, view)| {
-                            crate::model::attack_memory_shortfall(
-                                &capture.global.config,
-                                step_kind,
-                                view.images,
-                                view.unrolled_steps(),
-                                config.attack.precision.dtype().size_in_bytes(),
-                                1,
-                            )
-                        },
-                    );
+                    let shortfall =
+                        step_kind
+                            .zip(observation.update_view().ok())
+                            .and_then(|(kind, view)| {
+                                crate::model::AttackStepPlan {
+                                    config: &capture.global.config,
+                                    kind,
+                                    images: view.images,
+                                    local_steps: view.unrolled_steps(),
+                                    element_bytes: config.attack.precision.dtype().size_in_bytes(),
+                                    concurrent: 1,
+                                }
+                                .shortfall()
+                            });
                     if let Some((needed, available)) = shortfall {
                         row.reason = format!(
                             "not run: it needs about {:.1} GB of memory here, {:.1} GB is available (set {}=1 to try anyway)",

@@ -10,7 +10,7 @@ use clap::ValueEnum;
 use fedleak::audit::{attacker_view, private_images, AttackPrecision};
 use fedleak::data::{load_data, DataSpec};
 use fedleak::fl::read_capture;
-use fedleak::model::{AttackStepKind, VitTarget};
+use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_gradients, reconstruct_april, recover_classifier_input,
@@ -21,8 +21,7 @@ use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
 
 use super::{
-    at_least_one, refuse_attack_step_beyond_memory, select_device, GlobalArgs, PlannedAttackStep,
-    UsageError,
+    at_least_one, refuse_attack_step_beyond_memory, select_device, GlobalArgs, UsageError,
 };
 
 /// Which attack to run.
@@ -383,7 +382,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             )
         };
         refuse_attack_step_beyond_memory(
-            &PlannedAttackStep {
+            &AttackStepPlan {
                 config: &capture.global.config,
                 kind,
                 images: view.images,

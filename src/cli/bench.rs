@@ -8,8 +8,8 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use clap::ValueEnum;
 use fedleak::model::{
-    cross_entropy, init_parameters, one_hot, AttackStepKind, Checkpoint, ModelPreset,
-    PositionEmbeddingKind, VitTarget,
+    cross_entropy, init_parameters, one_hot, AttackStepKind, AttackStepPlan, Checkpoint,
+    ModelPreset, PositionEmbeddingKind, VitTarget,
 };
 use fedleak_attacks::{
     GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, TargetModel,
@@ -19,7 +19,6 @@ use rand::{Rng, SeedableRng};
 
 use super::{
     at_least_one, positive_number, refuse_attack_step_beyond_memory, select_device, GlobalArgs,
-    PlannedAttackStep,
 };
 
 /// Which step to time.
@@ -97,7 +96,7 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
     };
     if let Some((kind, instead)) = planned {
         refuse_attack_step_beyond_memory(
-            &PlannedAttackStep {
+            &AttackStepPlan {
                 config: &config,
                 kind,
                 images: args.batch,

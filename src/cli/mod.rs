@@ -173,39 +173,16 @@ pub fn select_device(arg: DeviceArg) -> Result<Device> {
     }
 }
 
-/// An attack step a command is about to run, as the memory check sees it.
-pub struct PlannedAttackStep<'a> {
-    /// The attacked model.
-    pub config: &'a fedleak::model::VitConfig,
-    /// How the step takes its input gradient.
-    pub kind: fedleak::model::AttackStepKind,
-    /// Images behind the attacked update.
-    pub images: usize,
-    /// Local SGD steps the attack unrolls (1 for a gradient).
-    pub local_steps: usize,
-    /// Bytes per tensor element (4 for f32, 8 for f64).
-    pub element_bytes: usize,
-    /// Steps running at once (restarts on separate threads).
-    pub concurrent: usize,
-}
-
 /// Refuses (exit code 2, before any work) an attack step that would not fit in the memory available
 /// now, instead of letting the kernel kill the process part-way (see
-/// `fedleak::model::attack_step_bytes`). `what` names what asked for the step, `instead` what to do
+/// `fedleak::model::AttackStepPlan`). `what` names what asked for the step, `instead` what to do
 /// in its place.
 pub fn refuse_attack_step_beyond_memory(
-    step: &PlannedAttackStep,
+    step: &fedleak::model::AttackStepPlan,
     what: &str,
     instead: &str,
 ) -> Result<()> {
-    let Some((needed, available)) = fedleak::model::attack_memory_shortfall(
-        step.config,
-        step.kind,
-        step.images,
-        step.local_steps,
-        step.element_bytes,
-        step.concurrent,
-    ) else {
+    let Some((needed, available)) = step.shortfall() else {
         return Ok(());
     };
     let gb = |bytes: u64| bytes as f64 / 1e9;

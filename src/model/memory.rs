@@ -90,59 +90,77 @@ fn activation_elements(config: &VitConfig) -> u64 {
     config.num_hidden_layers as u64 * (tokens * widths + maps)
 }
 
-/// Estimated peak resident memory, in bytes, of one attack step of `kind` on `images` images,
-/// unrolling `local_steps` local SGD steps (1 for a gradient), with tensors of `element_bytes` bytes
-/// (4 for f32, 8 for f64). See the module documentation for how well it fits.
-///
-/// ```
-/// use fedleak::model::{attack_step_bytes, AttackStepKind, ModelPreset, PositionEmbeddingKind};
-/// let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
-/// let tiny = ModelPreset::VitTiny32.config(&classes, PositionEmbeddingKind::Learnable);
-/// let base = ModelPreset::VitB16_224.config(&classes, PositionEmbeddingKind::Learnable);
-/// let gb = |bytes: u64| bytes as f64 / 1e9;
-/// assert!((0.7..1.0).contains(&gb(attack_step_bytes(&tiny, AttackStepKind::Exact, 1, 1, 4))));
-/// assert!(gb(attack_step_bytes(&base, AttackStepKind::Exact, 1, 1, 4)) > 30.0);
-/// let first_order = gb(attack_step_bytes(&base, AttackStepKind::FiniteDifference, 1, 1, 4));
-/// assert!((2.0..3.0).contains(&first_order));
-/// ```
-pub fn attack_step_bytes(
-    config: &VitConfig,
-    kind: AttackStepKind,
-    images: usize,
-    local_steps: usize,
-    element_bytes: usize,
-) -> u64 {
-    let element_bytes = element_bytes as f64;
-    let steps = local_steps.max(1) as f64;
-    let parameter_bytes = parameter_count(config) as f64 * element_bytes;
-    let activation_bytes = activation_elements(config) as f64 * element_bytes;
-    let (first, further) = kind.per_parameter_byte();
-    let step = match kind {
-        // The exact step keeps the graph of every unrolled step.
-        AttackStepKind::Exact => steps * (first * parameter_bytes),
-        AttackStepKind::FiniteDifference => (first + further * (steps - 1.0)) * parameter_bytes,
-    };
-    let activations = kind.per_activation_byte() * images as f64 * activation_bytes;
-    let activations = match kind {
-        AttackStepKind::Exact => steps * activations,
-        AttackStepKind::FiniteDifference => activations,
-    };
-    BASELINE_BYTES + (step + activations) as u64
+/// An attack step about to run, as far as memory goes.
+#[derive(Debug, Clone, Copy)]
+pub struct AttackStepPlan<'a> {
+    /// The attacked model.
+    pub config: &'a VitConfig,
+    /// How the step takes its input gradient.
+    pub kind: AttackStepKind,
+    /// Images behind the attacked update.
+    pub images: usize,
+    /// Local SGD steps the attack unrolls (1 for a gradient).
+    pub local_steps: usize,
+    /// Bytes per tensor element (4 for f32, 8 for f64).
+    pub element_bytes: usize,
+    /// Steps running at once (restarts on separate threads).
+    pub concurrent: usize,
 }
 
-/// Estimated peak resident memory of `concurrent` attack steps of [`attack_step_bytes`] running at
-/// once (restarts on separate threads): they share the process and the model, not the rest.
-pub fn concurrent_attack_steps_bytes(
-    config: &VitConfig,
-    kind: AttackStepKind,
-    images: usize,
-    local_steps: usize,
-    element_bytes: usize,
-    concurrent: usize,
-) -> u64 {
-    let one = attack_step_bytes(config, kind, images, local_steps, element_bytes);
-    let shared = BASELINE_BYTES + parameter_count(config) * element_bytes as u64;
-    one + concurrent.saturating_sub(1) as u64 * one.saturating_sub(shared)
+impl AttackStepPlan<'_> {
+    /// Estimated peak resident memory, in bytes, of one such step (whatever `concurrent` says). See
+    /// the module documentation for how well it fits.
+    ///
+    /// ```
+    /// use fedleak::model::{AttackStepKind, AttackStepPlan, ModelPreset, PositionEmbeddingKind};
+    /// let classes: Vec<String> = (0..10).map(|i| i.to_string()).collect();
+    /// let tiny = ModelPreset::VitTiny32.config(&classes, PositionEmbeddingKind::Learnable);
+    /// let base = ModelPreset::VitB16_224.config(&classes, PositionEmbeddingKind::Learnable);
+    /// let plan = |config, kind| AttackStepPlan {
+    ///     config, kind, images: 1, local_steps: 1, element_bytes: 4, concurrent: 1,
+    /// };
+    /// let gb = |bytes: u64| bytes as f64 / 1e9;
+    /// assert!((0.7..1.0).contains(&gb(plan(&tiny, AttackStepKind::Exact).step_bytes())));
+    /// assert!(gb(plan(&base, AttackStepKind::Exact).step_bytes()) > 30.0);
+    /// let first_order = gb(plan(&base, AttackStepKind::FiniteDifference).step_bytes());
+    /// assert!((2.0..3.0).contains(&first_order));
+    /// ```
+    pub fn step_bytes(&self) -> u64 {
+        let element_bytes = self.element_bytes as f64;
+        let steps = self.local_steps.max(1) as f64;
+        let parameter_bytes = parameter_count(self.config) as f64 * element_bytes;
+        let activation_bytes = activation_elements(self.config) as f64 * element_bytes;
+        let (first, further) = self.kind.per_parameter_byte();
+        let images = self.kind.per_activation_byte() * self.images as f64 * activation_bytes;
+        let kept = match self.kind {
+            // The exact step keeps the graph of every unrolled step.
+            AttackStepKind::Exact => steps * (first * parameter_bytes + images),
+            AttackStepKind::FiniteDifference => {
+                (first + further * (steps - 1.0)) * parameter_bytes + images
+            }
+        };
+        BASELINE_BYTES + kept as u64
+    }
+
+    /// Estimated peak resident memory of `concurrent` such steps running at once: they share the
+    /// process and the model, not the rest.
+    pub fn bytes(&self) -> u64 {
+        let one = self.step_bytes();
+        let shared = BASELINE_BYTES + parameter_count(self.config) * self.element_bytes as u64;
+        one + self.concurrent.saturating_sub(1) as u64 * one.saturating_sub(shared)
+    }
+
+    /// `Some((needed, available))`, in bytes, when [`AttackStepPlan::bytes`] exceeds the memory
+    /// available now; `None` when it fits, when the available memory is unknown, or when
+    /// [`SKIP_MEMORY_CHECK`] is set.
+    pub fn shortfall(&self) -> Option<(u64, u64)> {
+        if std::env::var_os(SKIP_MEMORY_CHECK).is_some() {
+            return None;
+        }
+        let needed = self.bytes();
+        let available = available_memory_bytes()?;
+        (needed > available).then_some((needed, available))
+    }
 }
 
 /// Memory the operating system can give this process without swapping (`MemAvailable` of
@@ -156,25 +174,5 @@ pub fn available_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Environment variable that switches [`attack_memory_shortfall`] off.
+/// Environment variable that switches [`AttackStepPlan::shortfall`] off.
 pub const SKIP_MEMORY_CHECK: &str = "FEDLEAK_SKIP_MEMORY_CHECK";
-
-/// `Some((needed, available))`, in bytes, when the steps of [`concurrent_attack_steps_bytes`] would
-/// not fit in the memory available now; `None` when they fit, when the available memory is unknown,
-/// or when [`SKIP_MEMORY_CHECK`] is set.
-pub fn attack_memory_shortfall(
-    config: &VitConfig,
-    kind: AttackStepKind,
-    images: usize,
-    local_steps: usize,
-    element_bytes: usize,
-    concurrent: usize,
-) -> Option<(u64, u64)> {
-    if std::env::var_os(SKIP_MEMORY_CHECK).is_some() {
-        return None;
-    }
-    let needed =
-        concurrent_attack_steps_bytes(config, kind, images, local_steps, element_bytes, concurrent);
-    let available = available_memory_bytes()?;
-    (needed > available).then_some((needed, available))
-}

@@ -24,8 +24,7 @@ pub use fedleak_attacks::one_hot;
 pub use init::init_parameters;
 pub use layers::{cross_entropy, gelu, layer_norm, softmax_last_dim};
 pub use memory::{
-    attack_memory_shortfall, attack_step_bytes, available_memory_bytes,
-    concurrent_attack_steps_bytes, parameter_count, AttackStepKind, SKIP_MEMORY_CHECK,
+    available_memory_bytes, parameter_count, AttackStepKind, AttackStepPlan, SKIP_MEMORY_CHECK,
 };
 pub use target::VitTarget;
 pub use vit::{sincos_position_embedding, Vit};
