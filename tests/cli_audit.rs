@@ -205,6 +205,10 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
 
     // report.html: one summary row per scheme, every image inline and also on disk.
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(
+        !html.contains("id=\"baseline-warning\""),
+        "the baseline leaks here, yet the report warns that it does not"
+    );
     assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
     assert_eq!(html.matches("<tr class=\"scheme-row\">").count(), 6);
     assert!(!html.contains("src=\"http") && !html.contains("href=\"http"));
@@ -382,6 +386,30 @@ fn secure_aggregation_over_one_client_is_attacked_and_leaks() {
         assert_eq!(row[col("party")], "aggregate", "{row:?}");
         assert_eq!(row[col("verdict")], "leaks", "{row:?}");
     }
+}
+
+#[test]
+fn a_baseline_that_does_not_leak_is_flagged_in_the_report() {
+    // Fixed sin-cos positions rule out the closed form: with it as the only attack, even the
+    // unprotected scheme is not attacked, and the report must say that no verdict shows protection.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = small_audit_with_schemes(2)
+        .replace(
+            "model = \"vit-nano-32\"",
+            "model = \"vit-nano-32\"\nposition_embedding = \"sincos\"",
+        )
+        .replace("kinds = [\"april\", \"ig\"]", "kinds = [\"april\"]");
+    let run = run_audit(tmp.path(), &config, "weak");
+    assert!(run.status.success(), "{}", util::stderr(&run));
+    let html = std::fs::read_to_string(tmp.path().join("weak/report.html")).unwrap();
+    assert!(
+        html.contains("id=\"baseline-warning\""),
+        "no warning in the report"
+    );
+    assert!(
+        html.contains("was not attacked by"),
+        "the warning misstates the verdict"
+    );
 }
 
 #[test]
