@@ -400,6 +400,38 @@ fn run_attack(
     })
 }
 
+/// Why `kind` is not run on `observation` when its attack step would not fit in the memory available
+/// now (DLG's exact double backward, or any optimisation attack on a large model's big aggregate);
+/// `None` when it fits or takes no optimisation step.
+fn memory_shortfall(
+    kind: AttackKind,
+    observation: &Observation,
+    capture: &Capture,
+    config: &AuditConfig,
+) -> Option<String> {
+    let step_kind = match kind {
+        AttackKind::April => return None,
+        AttackKind::Ig => crate::model::AttackStepKind::FiniteDifference,
+        AttackKind::Dlg => crate::model::AttackStepKind::Exact,
+    };
+    let view = observation.update_view().ok()?;
+    let (needed, available) = crate::model::AttackStepPlan {
+        config: &capture.global.config,
+        kind: step_kind,
+        images: view.images,
+        local_steps: view.unrolled_steps(),
+        element_bytes: config.attack.precision.dtype().size_in_bytes(),
+        concurrent: 1,
+    }
+    .shortfall()?;
+    Some(format!(
+        "not run: it needs about {:.1} GB of memory here, {:.1} GB is available (set {}=1 to try anyway)",
+        needed as f64 / 1e9,
+        available as f64 / 1e9,
+        crate::model::SKIP_MEMORY_CHECK
+    ))
+}
+
 fn values_of(images: &Tensor, i: usize) -> Result<Vec<f32>> {
     Ok(images
         .get(i)?
@@ -645,35 +677,10 @@ pub fn run_audit(
                         batch_size: private.1.len(),
                         ..base_row.clone()
                     };
-                    // An optimisation attack too large for this machine's memory (DLG's exact
-                    // double backward, or any attack on a large model's big aggregate) would get the
-                    // whole audit killed: that attack is skipped, with the reason.
-                    let step_kind = match kind {
-                        AttackKind::April => None,
-                        AttackKind::Ig => Some(crate::model::AttackStepKind::FiniteDifference),
-                        AttackKind::Dlg => Some(crate::model::AttackStepKind::Exact),
-                    };
-                    let shortfall =
-                        step_kind
-                            .zip(observation.update_view().ok())
-                            .and_then(|(kind, view)| {
-                                crate::model::AttackStepPlan {
-                                    config: &capture.global.config,
-                                    kind,
-                                    images: view.images,
-                                    local_steps: view.unrolled_steps(),
-                                    element_bytes: config.attack.precision.dtype().size_in_bytes(),
-                                    concurrent: 1,
-                                }
-                                .shortfall()
-                            });
-                    if let Some((needed, available)) = shortfall {
-                        row.reason = format!(
-                            "not run: it needs about {:.1} GB of memory here, {:.1} GB is available (set {}=1 to try anyway)",
-                            needed as f64 / 1e9,
-                            available as f64 / 1e9,
-                            crate::model::SKIP_MEMORY_CHECK
-                        );
+                    // An attack too large for this machine's memory would get the whole audit
+                    // killed: it is skipped, with the reason.
+                    if let Some(reason) = memory_shortfall(kind, &observation, capture, config) {
+                        row.reason = reason;
                         scheme_rows.push(row);
                         continue;
                     }

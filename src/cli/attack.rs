@@ -367,19 +367,17 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let optimises = !matches!(closed_form, Some(AttackOutcome::Reconstructed(_)))
         && args.attack != AttackArg::April;
     if let (true, Ok(view)) = (optimises, observation.update_view()) {
-        let exact = config.input_gradient == InputGradient::DoubleBackward || args.joint_labels;
-        let (kind, what, instead) = if exact {
-            (
+        let (kind, what, instead) = match args.exact_step_option() {
+            Some(option) => (
                 AttackStepKind::Exact,
-                args.exact_step_option().unwrap_or("`--input-gradient exact`"),
+                option,
                 "use Inverting Gradients (`--attack ig` or `auto`) with its default finite-difference input gradient, which needs a fraction of that",
-            )
-        } else {
-            (
+            ),
+            None => (
                 AttackStepKind::FiniteDifference,
                 "Inverting Gradients",
                 "run the restarts one after the other (`--restart-workers 1`)",
-            )
+            ),
         };
         refuse_attack_step_beyond_memory(
             &AttackStepPlan {

@@ -165,7 +165,7 @@ impl AttackStepPlan<'_> {
 
 /// Memory the operating system can give this process without swapping (`MemAvailable` of
 /// `/proc/meminfo`), in bytes; `None` where that is unknown (not Linux, or unreadable).
-pub fn available_memory_bytes() -> Option<u64> {
+fn available_memory_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo
         .lines()

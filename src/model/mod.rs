@@ -23,8 +23,6 @@ pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
 pub use fedleak_attacks::one_hot;
 pub use init::init_parameters;
 pub use layers::{cross_entropy, gelu, layer_norm, softmax_last_dim};
-pub use memory::{
-    available_memory_bytes, parameter_count, AttackStepKind, AttackStepPlan, SKIP_MEMORY_CHECK,
-};
+pub use memory::{parameter_count, AttackStepKind, AttackStepPlan, SKIP_MEMORY_CHECK};
 pub use target::VitTarget;
 pub use vit::{sincos_position_embedding, Vit};
