@@ -251,9 +251,14 @@ fn check_finite_difference(unroll: Option<(f64, usize)>, difference: InputGradie
             let dot: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();
             let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
             let cosine = dot / (norm(&a) * norm(&b));
-            println!("{position:?} {difference:?} {unroll:?} seed {seed}: cosine {cosine:.8}, objectives {objective_a:.6e} / {objective_b:.6e}");
+            println!("{position:?} {difference:?} {unroll:?} seed {seed}: cosine {cosine:.8}, objectives {objective_a:.6e} / {objective_b:.6e} (differ by {:.2e})", (objective_a - objective_b).abs());
+            // The exact matcher simulates the update by autograd, the finite-difference one by the
+            // hand-written backward: the same function, summed in another order. In this deliberately
+            // saturated model (softmax near one-hot, so p - t cancels) and through four unrolled steps
+            // of lr 0.5, their rounding differs by up to ~1e-9 of the objective (measured: 2e-12 on a
+            // gradient, 8e-11 unrolled, on objectives of 0.1-0.9).
             assert!(
-                (objective_a - objective_b).abs() <= 1e-12 * objective_a.abs().max(1.0),
+                (objective_a - objective_b).abs() <= 1e-9 * objective_a.abs().max(1.0),
                 "same objective"
             );
             assert!(

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::model::{one_hot, ParamMap, TargetModel};
+use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
 use crate::observation::{Observation, UpdateSource};
 use crate::prior::ImagePrior;
 use crate::reconstruction::{AttackOutcome, Reconstruction};
@@ -691,6 +691,31 @@ impl<'a> GradientMatcher<'a> {
         with_input: bool,
         with_parameters: bool,
     ) -> Result<(Option<Tensor>, Option<Vec<Tensor>>)> {
+        let request = GradientRequest {
+            input: with_input,
+            parameters: with_parameters,
+        };
+        let labels = self.known_labels()?;
+        if let Some(gradients) =
+            self.model
+                .loss_gradients(&self.params_with(theta), images, labels, request)?
+        {
+            let parameters = gradients
+                .parameters
+                .map(|by_name| {
+                    self.names
+                        .iter()
+                        .zip(theta)
+                        .map(|(name, value)| {
+                            by_name
+                                .get(name)
+                                .map_or_else(|| value.zeros_like(), |g| Ok(g.clone()))
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()
+                })
+                .transpose()?;
+            return Ok((gradients.input, parameters));
+        }
         let vars: Vec<Var> = if with_parameters {
             theta
                 .iter()
@@ -711,7 +736,7 @@ impl<'a> GradientMatcher<'a> {
         };
         let grads = self
             .model
-            .loss(&self.params_with(&tensors), &x, self.known_labels()?)?
+            .loss(&self.params_with(&tensors), &x, labels)?
             .backward()?;
         let input = with_input
             .then(|| {

@@ -34,7 +34,10 @@ pub use inverting_gradients::{
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
-pub use model::{one_hot, ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
+pub use model::{
+    one_hot, ClassifierLayout, GradientRequest, LossGradients, ParamMap, PatchEmbeddingLayout,
+    TargetModel,
+};
 pub use observation::{Observation, UpdateSource, UpdateView};
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};

@@ -35,6 +35,26 @@ pub struct ClassifierLayout {
     pub bias: String,
 }
 
+/// What a first-order pass of the training loss should return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GradientRequest {
+    /// The gradient with respect to the images.
+    pub input: bool,
+    /// The gradient with respect to every parameter.
+    pub parameters: bool,
+}
+
+/// The first-order gradients of a batch's training loss, as requested.
+#[derive(Debug, Clone)]
+pub struct LossGradients {
+    /// The loss itself (the batch mean).
+    pub loss: f64,
+    /// With respect to the images (B x C x H x W).
+    pub input: Option<Tensor>,
+    /// With respect to every parameter that has one, by name.
+    pub parameters: Option<ParamMap>,
+}
+
 /// The model as the attacker knows it: the architecture as a function of named parameters, and the
 /// global parameter values. Implemented by the crate that owns the model (fedleak's ViT). Shared by the
 /// threads that run an attack's restarts concurrently, hence `Send + Sync`.
@@ -46,6 +66,21 @@ pub trait TargetModel: Send + Sync {
     /// under the given parameters (which may be variables, or perturbed copies). The loss must be the
     /// one the clients minimise (mean over the batch).
     fn loss(&self, params: &ParamMap, images: &Tensor, targets: &Tensor) -> Result<Tensor>;
+
+    /// The first-order gradients of [`TargetModel::loss`] (detached), by a route faster than
+    /// autograd when the model has one. `Ok(None)` (the default) when it has none for these inputs:
+    /// the attack then differentiates [`TargetModel::loss`] itself. Must agree with autograd on
+    /// `loss` to rounding.
+    fn loss_gradients(
+        &self,
+        params: &ParamMap,
+        images: &Tensor,
+        targets: &Tensor,
+        request: GradientRequest,
+    ) -> Result<Option<LossGradients>> {
+        let _ = (params, images, targets, request);
+        Ok(None)
+    }
 
     /// Input shape (channels, height, width).
     fn input_dims(&self) -> (usize, usize, usize);

@@ -8,11 +8,12 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 use clap::ValueEnum;
 use fedleak::model::{
-    cross_entropy, init_parameters, one_hot, AttackStepKind, AttackStepPlan, Checkpoint,
-    ModelPreset, PositionEmbeddingKind, VitTarget,
+    cross_entropy, init_parameters, loss_gradients, one_hot, AttackStepKind, AttackStepPlan,
+    Checkpoint, ModelPreset, PositionEmbeddingKind, VitTarget,
 };
 use fedleak_attacks::{
-    GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, TargetModel,
+    GradientMatcher, GradientRequest, ImagePrior, InputGradient, InvertingGradientsConfig,
+    TargetModel,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,6 +37,16 @@ pub enum StepArg {
     AttackCentral,
     /// The same step with the exact double backward, as the reference computes it.
     AttackExact,
+}
+
+/// How the first-order passes compute their gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackwardArg {
+    /// fedleak's hand-written ViT backward (fused element-wise kernels), as training and the
+    /// finite-difference attack step run it.
+    HandWritten,
+    /// candle's autograd through the composite layers.
+    Autograd,
 }
 
 /// Arguments of `fedleak bench`.
@@ -68,6 +79,10 @@ pub struct BenchArgs {
     /// Learning rate of those local steps.
     #[arg(long, default_value_t = 0.01, value_parser = positive_number)]
     pub local_lr: f64,
+    /// How `--step train` and the finite-difference attack steps compute first-order gradients
+    /// (`--step attack-exact` always uses autograd).
+    #[arg(long, value_enum, default_value_t = BackwardArg::HandWritten)]
+    pub backward: BackwardArg,
 }
 
 impl BenchArgs {
@@ -128,13 +143,11 @@ pub fn run(global: &GlobalArgs, args: BenchArgs) -> Result<()> {
                 .map(|_| rng.random())
                 .collect();
             let guess = Tensor::from_vec(guess, (args.batch, 3, side, side), &device)?;
-            time_attack(
-                &args,
-                &VitTarget::new(&checkpoint),
-                &images,
-                &labels,
-                &guess,
-            )?
+            let target_model = match args.backward {
+                BackwardArg::HandWritten => VitTarget::new(&checkpoint),
+                BackwardArg::Autograd => VitTarget::new(&checkpoint).with_autograd_only(),
+            };
+            time_attack(&args, &target_model, &images, &labels, &guess)?
         }
     };
     let mut sorted = times.clone();
@@ -198,6 +211,26 @@ fn time_train(
             .collect(),
     }
     .model()?;
+    if args.backward == BackwardArg::HandWritten {
+        let request = GradientRequest {
+            input: false,
+            parameters: true,
+        };
+        let params: fedleak_attacks::ParamMap = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        return time_iterations(args, || {
+            loss_gradients(model.config(), &params, images, &target, request)?.ok_or_else(
+                || fedleak::Error::InvalidSetting {
+                    key: "--backward".into(),
+                    reason: "the hand-written backward runs on the CPU only".into(),
+                    hint: "pass `--backward autograd`".into(),
+                },
+            )?;
+            Ok(())
+        });
+    }
     time_iterations(args, || {
         let grads = cross_entropy(&model.forward(images)?, &target)?.backward()?;
         // Touch one gradient so the work cannot be skipped.

@@ -14,9 +14,10 @@ use super::config::{Algorithm, FlConfig, LocalWork};
 use super::optim::LocalOptimizer;
 use super::transmission::Transmission;
 use crate::data::{partition_labels, DataSplits, Dataset, Partition};
-use crate::model::{cross_entropy, one_hot, Checkpoint, Vit};
+use crate::model::{cross_entropy, loss_gradients, one_hot, Checkpoint, Vit};
 use crate::schemes::{LocalTraining, Scheme, Upload};
 use crate::{Error, Result};
+use fedleak_attacks::GradientRequest;
 
 /// What happened in one round.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -168,13 +169,25 @@ fn check_finite(update: &BTreeMap<String, Tensor>, whose: &str) -> Result<()> {
     Ok(())
 }
 
-/// The gradient of the batch-mean loss for every parameter, by name.
+/// The gradient of the batch-mean loss for every parameter, by name: by the hand-written backward
+/// where it runs (the CPU, f32 and f64), by candle's autograd elsewhere.
 fn batch_gradient(
     model: &Vit,
     vars: &BTreeMap<String, Var>,
     images: &Tensor,
     target: &Tensor,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let params: BTreeMap<String, Tensor> = vars
+        .iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect();
+    let request = GradientRequest {
+        input: false,
+        parameters: true,
+    };
+    if let Some(gradients) = loss_gradients(model.config(), &params, images, target, request)? {
+        return Ok((gradients.loss, gradients.parameters.unwrap_or_default()));
+    }
     let loss = cross_entropy(&model.forward(images)?, target)?;
     let grads = loss.backward()?;
     let named = vars

@@ -7,6 +7,7 @@
 //! detached max, GELU through `erf`): gradient-inversion attacks differentiate through the gradient.
 //! This module knows nothing of federated learning, schemes or attacks.
 
+mod backward;
 mod checkpoint;
 mod config;
 mod init;
@@ -18,6 +19,7 @@ mod vit;
 #[cfg(test)]
 mod tests;
 
+pub use backward::loss_gradients;
 pub use checkpoint::{load_checkpoint, save_checkpoint, Checkpoint, CONFIG_FILE, WEIGHTS_FILE};
 pub use config::{ModelPreset, PositionEmbeddingKind, VitConfig};
 pub use fedleak_attacks::one_hot;

@@ -5,8 +5,11 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use fedleak_attacks::{ClassifierLayout, ParamMap, PatchEmbeddingLayout, TargetModel};
+use fedleak_attacks::{
+    ClassifierLayout, GradientRequest, LossGradients, ParamMap, PatchEmbeddingLayout, TargetModel,
+};
 
+use super::backward::loss_gradients;
 use super::checkpoint::Checkpoint;
 use super::config::{PositionEmbeddingKind, VitConfig};
 use super::layers::cross_entropy;
@@ -17,6 +20,7 @@ use super::vit::Vit;
 pub struct VitTarget {
     config: VitConfig,
     parameters: ParamMap,
+    hand_written_backward: bool,
 }
 
 impl VitTarget {
@@ -25,7 +29,15 @@ impl VitTarget {
         Self {
             config: checkpoint.config.clone(),
             parameters: checkpoint.tensors.clone(),
+            hand_written_backward: true,
         }
+    }
+
+    /// The same target with first-order gradients by candle's autograd instead of the hand-written
+    /// backward ([`super::loss_gradients`]), for benchmarks that compare the two.
+    pub fn with_autograd_only(mut self) -> Self {
+        self.hand_written_backward = false;
+        self
     }
 
     /// The model's configuration.
@@ -64,6 +76,25 @@ impl TargetModel for VitTarget {
     ) -> fedleak_attacks::Result<Tensor> {
         let logits = self.model(params)?.forward(images)?;
         Ok(cross_entropy(&logits, targets)?)
+    }
+
+    fn loss_gradients(
+        &self,
+        params: &ParamMap,
+        images: &Tensor,
+        targets: &Tensor,
+        request: GradientRequest,
+    ) -> fedleak_attacks::Result<Option<LossGradients>> {
+        if !self.hand_written_backward {
+            return Ok(None);
+        }
+        Ok(loss_gradients(
+            &self.config,
+            params,
+            images,
+            targets,
+            request,
+        )?)
     }
 
     fn input_dims(&self) -> (usize, usize, usize) {

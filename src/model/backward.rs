@@ -1,0 +1,722 @@
+//! The gradients of the ViT's training loss by a hand-written backward pass, first order only.
+//!
+//! candle's autograd accumulates every node's gradient into a freshly zeroed tensor (`zeros_like`, then
+//! `add`) and runs layer norm, softmax and GELU as chains of element-wise ops, each with its own
+//! output buffer and its own backward node. In the finite-difference attack step, which is nothing but
+//! first-order passes, that overhead is most of the time: in a profile of the tiny ViT's attack step at
+//! batch 8 (`perf record`, 2026-12-03), `Tensor::add`, mostly that accumulation, took 31 % of the main
+//! thread's samples and GELU's `erf` chain most of the rest. This module computes the same
+//! gradients with the matrix products on candle's GEMM and every element-wise stage fused into one loop
+//! per row (layer norm, softmax, GELU, cross-entropy), forward and backward, and no gradient
+//! bookkeeping. The layers are the ones of [`super::Vit`] (same parameter names, same formulas), and
+//! the tests check both against candle's autograd in f64.
+//!
+//! It gives no second-order gradients: the exact double backward (DLG, `--input-gradient exact`)
+//! still runs through the autograd composites of [`super::layers`].
+
+use candle_core::{DType, Tensor, WithDType, D};
+use fedleak_attacks::{GradientRequest, LossGradients, ParamMap};
+use rayon::prelude::*;
+
+use super::config::{PositionEmbeddingKind, VitConfig};
+use super::vit::sincos_position_embedding;
+
+/// The gradients of the mean cross-entropy of `images` (B x C x H x W) against `targets` (B x classes,
+/// one-hot or soft) under `params`, by a hand-written backward pass (see the module doc). `Ok(None)`
+/// off the CPU or for a dtype other than f32 and f64: the caller then uses candle's autograd.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use fedleak::model::{init_parameters, loss_gradients, ModelPreset, PositionEmbeddingKind};
+/// use fedleak_attacks::GradientRequest;
+/// let cfg = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], PositionEmbeddingKind::Sincos);
+/// let params = init_parameters(&cfg, 1, DType::F32, &Device::Cpu).unwrap();
+/// let images = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+/// let targets = Tensor::new(&[[1f32, 0.]], &Device::Cpu).unwrap();
+/// let want = GradientRequest { input: true, parameters: false };
+/// let grads = loss_gradients(&cfg, &params, &images, &targets, want).unwrap().unwrap();
+/// assert_eq!(grads.input.unwrap().dims(), &[1, 3, 32, 32]);
+/// assert!(grads.parameters.is_none());
+/// ```
+pub fn loss_gradients(
+    config: &VitConfig,
+    params: &ParamMap,
+    images: &Tensor,
+    targets: &Tensor,
+    request: GradientRequest,
+) -> candle_core::Result<Option<LossGradients>> {
+    if !images.device().is_cpu() {
+        return Ok(None);
+    }
+    let pass = Pass {
+        config,
+        params,
+        request,
+    };
+    match images.dtype() {
+        DType::F32 => pass.run::<f32>(images, targets).map(Some),
+        DType::F64 => pass.run::<f64>(images, targets).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The element types the fused kernels run in.
+trait Float: WithDType + num_traits::Float {
+    /// The error function.
+    fn erf(self) -> Self;
+}
+
+impl Float for f32 {
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f32(self)
+    }
+}
+
+impl Float for f64 {
+    fn erf(self) -> Self {
+        candle_core::cpu::erf::erf_f64(self)
+    }
+}
+
+/// One forward and backward pass over fixed parameters.
+struct Pass<'a> {
+    config: &'a VitConfig,
+    params: &'a ParamMap,
+    request: GradientRequest,
+}
+
+/// A layer norm's saved forward state: the normalised rows and each row's 1 / std.
+struct NormCache<T> {
+    normalized: Vec<T>,
+    inverse_std: Vec<T>,
+}
+
+/// What one block's backward needs from its forward.
+struct BlockCache<T> {
+    norm_before: NormCache<T>,
+    attention_input: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention: Vec<T>,
+    merged: Tensor,
+    norm_after: NormCache<T>,
+    mlp_input: Tensor,
+    pre_activation: Vec<T>,
+    cdf: Vec<T>,
+    activation: Tensor,
+}
+
+impl Pass<'_> {
+    fn param(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.params
+            .get(name)
+            .map(Tensor::detach)
+            .ok_or_else(|| candle_core::Error::Msg(format!("parameter {name} is missing")))
+    }
+
+    fn optional_param(&self, name: &str, present: bool) -> candle_core::Result<Option<Tensor>> {
+        present.then(|| self.param(name)).transpose()
+    }
+
+    fn run<T: Float>(
+        &self,
+        images: &Tensor,
+        targets: &Tensor,
+    ) -> candle_core::Result<LossGradients> {
+        let cfg = self.config;
+        let (batch, channels, height, width) = images.dims4()?;
+        let (d, p) = (cfg.hidden_size, cfg.patch_size);
+        let (grid_h, grid_w) = (height / p, width / p);
+        let patches_per_image = grid_h * grid_w;
+        let tokens = patches_per_image + 1;
+        let rows = batch * tokens;
+        let eps = T::from_f64(cfg.layer_norm_eps);
+        let mut grads = ParamMap::new();
+        let want_params = self.request.parameters;
+
+        // Embeddings.
+        let patch_weight = self
+            .param("vit.embeddings.patch_embeddings.projection.weight")?
+            .reshape((d, channels * p * p))?;
+        let patch_bias = self.param("vit.embeddings.patch_embeddings.projection.bias")?;
+        let patches = images
+            .detach()
+            .reshape((batch, channels, grid_h, p, grid_w, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((batch * patches_per_image, channels * p * p))?;
+        let embedded = affine(&patches, &patch_weight, Some(&patch_bias))?;
+        let cls = self
+            .param("vit.embeddings.cls_token")?
+            .broadcast_as((batch, 1, d))?;
+        let positions = match cfg.position_embedding {
+            PositionEmbeddingKind::Learnable => self.param("vit.embeddings.position_embeddings")?,
+            PositionEmbeddingKind::Sincos => {
+                sincos_position_embedding(cfg, images.dtype(), images.device())?
+            }
+        };
+        let mut x = Tensor::cat(
+            &[&cls, &embedded.reshape((batch, patches_per_image, d))?],
+            1,
+        )?
+        .broadcast_add(&positions)?
+        .reshape((rows, d))?;
+
+        // Encoder blocks.
+        let mut caches = Vec::with_capacity(cfg.num_hidden_layers);
+        for layer in 0..cfg.num_hidden_layers {
+            let (next, cache) = self.block_forward::<T>(layer, &x, batch, tokens, eps)?;
+            caches.push(cache);
+            x = next;
+        }
+
+        // Head: final layer norm of the CLS token, classifier, mean cross-entropy.
+        let cls_out = x
+            .reshape((batch, tokens, d))?
+            .narrow(1, 0, 1)?
+            .reshape((batch, d))?;
+        let (features, final_norm) = layer_norm_forward::<T>(
+            &cls_out,
+            &self.param("vit.layernorm.weight")?,
+            &self.param("vit.layernorm.bias")?,
+            eps,
+        )?;
+        let classifier_weight = self.param("classifier.weight")?;
+        let logits = affine(
+            &features,
+            &classifier_weight,
+            Some(&self.param("classifier.bias")?),
+        )?;
+        let (loss, logits_grad) = cross_entropy_backward::<T>(&logits, targets)?;
+        if want_params {
+            grads.insert(
+                "classifier.weight".into(),
+                logits_grad.t()?.matmul(&features)?,
+            );
+            grads.insert("classifier.bias".into(), sum_rows(&logits_grad)?);
+        }
+        let features_grad = logits_grad.matmul(&classifier_weight)?;
+        let cls_grad = self.layer_norm_backward::<T>(
+            "vit.layernorm",
+            &features_grad,
+            &final_norm,
+            &mut grads,
+        )?;
+        let mut x_grad = Tensor::cat(
+            &[
+                &cls_grad.reshape((batch, 1, d))?,
+                &Tensor::zeros((batch, tokens - 1, d), images.dtype(), images.device())?,
+            ],
+            1,
+        )?
+        .reshape((rows, d))?;
+
+        for (layer, cache) in caches.iter().enumerate().rev() {
+            x_grad = self.block_backward::<T>(layer, &x_grad, cache, batch, tokens, &mut grads)?;
+        }
+
+        // Embeddings, backward.
+        let tokens_grad = x_grad.reshape((batch, tokens, d))?;
+        if want_params {
+            if cfg.position_embedding == PositionEmbeddingKind::Learnable {
+                grads.insert(
+                    "vit.embeddings.position_embeddings".into(),
+                    tokens_grad.sum_keepdim(0)?,
+                );
+            }
+            grads.insert(
+                "vit.embeddings.cls_token".into(),
+                tokens_grad.narrow(1, 0, 1)?.sum_keepdim(0)?,
+            );
+        }
+        let embedded_grad = tokens_grad
+            .narrow(1, 1, patches_per_image)?
+            .reshape((batch * patches_per_image, d))?;
+        if want_params {
+            grads.insert(
+                "vit.embeddings.patch_embeddings.projection.weight".into(),
+                embedded_grad
+                    .t()?
+                    .matmul(&patches)?
+                    .reshape((d, channels, p, p))?,
+            );
+            grads.insert(
+                "vit.embeddings.patch_embeddings.projection.bias".into(),
+                sum_rows(&embedded_grad)?,
+            );
+        }
+        let input = if self.request.input {
+            Some(
+                embedded_grad
+                    .matmul(&patch_weight)?
+                    .reshape((batch, grid_h, grid_w, channels, p, p))?
+                    .permute((0, 3, 1, 4, 2, 5))?
+                    .reshape((batch, channels, height, width))?,
+            )
+        } else {
+            None
+        };
+        Ok(LossGradients {
+            loss,
+            input,
+            parameters: want_params.then_some(grads),
+        })
+    }
+
+    fn block_prefix(layer: usize) -> String {
+        format!("vit.encoder.layer.{layer}")
+    }
+
+    /// One pre-norm block forward on the token rows (B*T x D).
+    fn block_forward<T: Float>(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: usize,
+        tokens: usize,
+        eps: T,
+    ) -> candle_core::Result<(Tensor, BlockCache<T>)> {
+        let cfg = self.config;
+        let prefix = Self::block_prefix(layer);
+        let (d, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let head_dim = d / heads;
+
+        let (attention_input, norm_before) = layer_norm_forward::<T>(
+            x,
+            &self.param(&format!("{prefix}.layernorm_before.weight"))?,
+            &self.param(&format!("{prefix}.layernorm_before.bias"))?,
+            eps,
+        )?;
+        let (qkv_weight, qkv_bias) = self.qkv(&prefix)?;
+        let qkv = affine(&attention_input, &qkv_weight, qkv_bias.as_ref())?;
+        let split = |index: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(1, index * d, d)?
+                .reshape((batch, tokens, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (query, key, value) = (split(0)?, split(1)?, split(2)?);
+        let scores = query.matmul(&key.t()?)?;
+        let scale = T::from_f64(1.0 / (head_dim as f64).sqrt());
+        let attention = softmax_rows::<T>(&values::<T>(&scores)?, tokens, scale);
+        let attention_tensor = Tensor::from_slice(&attention, scores.shape(), x.device())?;
+        let merged = attention_tensor
+            .matmul(&value)?
+            .transpose(1, 2)?
+            .reshape((batch * tokens, d))?;
+        let attended = affine(
+            &merged,
+            &self.param(&format!("{prefix}.attention.output.dense.weight"))?,
+            Some(&self.param(&format!("{prefix}.attention.output.dense.bias"))?),
+        )?;
+        let x = (x + attended)?;
+
+        let (mlp_input, norm_after) = layer_norm_forward::<T>(
+            &x,
+            &self.param(&format!("{prefix}.layernorm_after.weight"))?,
+            &self.param(&format!("{prefix}.layernorm_after.bias"))?,
+            eps,
+        )?;
+        let pre = affine(
+            &mlp_input,
+            &self.param(&format!("{prefix}.intermediate.dense.weight"))?,
+            Some(&self.param(&format!("{prefix}.intermediate.dense.bias"))?),
+        )?;
+        let pre_activation = values::<T>(&pre)?;
+        let (activation, cdf) = gelu_forward(&pre_activation);
+        let activation = Tensor::from_vec(activation, pre.shape(), x.device())?;
+        let out = affine(
+            &activation,
+            &self.param(&format!("{prefix}.output.dense.weight"))?,
+            Some(&self.param(&format!("{prefix}.output.dense.bias"))?),
+        )?;
+        let x = (x + out)?;
+        Ok((
+            x,
+            BlockCache {
+                norm_before,
+                attention_input,
+                query,
+                key,
+                value,
+                attention,
+                merged,
+                norm_after,
+                mlp_input,
+                pre_activation,
+                cdf,
+                activation,
+            },
+        ))
+    }
+
+    /// The query, key and value projections stacked into one (3D x D) weight and (3D) bias.
+    fn qkv(&self, prefix: &str) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let name = |part: &str, what: &str| format!("{prefix}.attention.attention.{part}.{what}");
+        let parts = ["query", "key", "value"];
+        let weights = parts
+            .iter()
+            .map(|part| self.param(&name(part, "weight")))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let biases = parts
+            .iter()
+            .map(|part| self.optional_param(&name(part, "bias"), self.config.qkv_bias))
+            .collect::<candle_core::Result<Option<Vec<_>>>>()?;
+        Ok((
+            Tensor::cat(&weights, 0)?,
+            biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
+        ))
+    }
+
+    /// One block backward: the gradient of its input rows from that of its output rows.
+    fn block_backward<T: Float>(
+        &self,
+        layer: usize,
+        out_grad: &Tensor,
+        cache: &BlockCache<T>,
+        batch: usize,
+        tokens: usize,
+        grads: &mut ParamMap,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = self.config;
+        let prefix = Self::block_prefix(layer);
+        let (d, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        let head_dim = d / heads;
+        let device = out_grad.device();
+
+        // MLP branch.
+        let activation_grad = self.linear_backward(
+            &format!("{prefix}.output.dense"),
+            out_grad,
+            &cache.activation,
+            grads,
+        )?;
+        let pre_grad = gelu_backward(
+            &values::<T>(&activation_grad)?,
+            &cache.pre_activation,
+            &cache.cdf,
+        );
+        let pre_grad = Tensor::from_vec(pre_grad, activation_grad.shape(), device)?;
+        let mlp_input_grad = self.linear_backward(
+            &format!("{prefix}.intermediate.dense"),
+            &pre_grad,
+            &cache.mlp_input,
+            grads,
+        )?;
+        let x_grad = (out_grad
+            + self.layer_norm_backward::<T>(
+                &format!("{prefix}.layernorm_after"),
+                &mlp_input_grad,
+                &cache.norm_after,
+                grads,
+            )?)?;
+
+        // Attention branch.
+        let merged_grad = self.linear_backward(
+            &format!("{prefix}.attention.output.dense"),
+            &x_grad,
+            &cache.merged,
+            grads,
+        )?;
+        let context_grad = merged_grad
+            .reshape((batch, tokens, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let attention_shape = (batch, heads, tokens, tokens);
+        let attention = Tensor::from_slice(&cache.attention, attention_shape, device)?;
+        let value_grad = attention.t()?.matmul(&context_grad)?;
+        let attention_grad = context_grad.matmul(&cache.value.t()?)?;
+        let scale = T::from_f64(1.0 / (head_dim as f64).sqrt());
+        let scores_grad = softmax_rows_backward::<T>(
+            &values::<T>(&attention_grad)?,
+            &cache.attention,
+            tokens,
+            scale,
+        );
+        let scores_grad = Tensor::from_vec(scores_grad, attention_shape, device)?;
+        let query_grad = scores_grad.matmul(&cache.key)?;
+        let key_grad = scores_grad.t()?.matmul(&cache.query)?;
+        let merge = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.transpose(1, 2)?.reshape((batch * tokens, d))
+        };
+        let qkv_grad = Tensor::cat(
+            &[merge(query_grad)?, merge(key_grad)?, merge(value_grad)?],
+            1,
+        )?;
+        let (qkv_weight, _) = self.qkv(&prefix)?;
+        if self.request.parameters {
+            let weight_grad = qkv_grad.t()?.matmul(&cache.attention_input)?;
+            let bias_grad = sum_rows(&qkv_grad)?;
+            for (index, part) in ["query", "key", "value"].into_iter().enumerate() {
+                let name = format!("{prefix}.attention.attention.{part}");
+                grads.insert(
+                    format!("{name}.weight"),
+                    weight_grad.narrow(0, index * d, d)?,
+                );
+                if cfg.qkv_bias {
+                    grads.insert(format!("{name}.bias"), bias_grad.narrow(0, index * d, d)?);
+                }
+            }
+        }
+        let attention_input_grad = qkv_grad.matmul(&qkv_weight)?;
+        x_grad
+            + self.layer_norm_backward::<T>(
+                &format!("{prefix}.layernorm_before"),
+                &attention_input_grad,
+                &cache.norm_before,
+                grads,
+            )?
+    }
+
+    /// Backward of `y = x W^T + b` (module `name`): records the weight and bias gradients when
+    /// parameters are requested, returns the input's.
+    fn linear_backward(
+        &self,
+        name: &str,
+        out_grad: &Tensor,
+        input: &Tensor,
+        grads: &mut ParamMap,
+    ) -> candle_core::Result<Tensor> {
+        if self.request.parameters {
+            grads.insert(format!("{name}.weight"), out_grad.t()?.matmul(input)?);
+            grads.insert(format!("{name}.bias"), sum_rows(out_grad)?);
+        }
+        out_grad.matmul(&self.param(&format!("{name}.weight"))?)
+    }
+
+    /// Backward of a layer norm (module `name`) over rows: records the scale and shift gradients when
+    /// parameters are requested, returns the input's.
+    fn layer_norm_backward<T: Float>(
+        &self,
+        name: &str,
+        out_grad: &Tensor,
+        cache: &NormCache<T>,
+        grads: &mut ParamMap,
+    ) -> candle_core::Result<Tensor> {
+        let shape = out_grad.shape().clone();
+        let width = out_grad.dim(D::Minus1)?;
+        let weight = values::<T>(&self.param(&format!("{name}.weight"))?)?;
+        let dy = values::<T>(out_grad)?;
+        let n = T::from_f64(width as f64);
+        let mut dx = vec![T::zero(); dy.len()];
+        let mut weight_grad = vec![T::zero(); width];
+        let mut bias_grad = vec![T::zero(); width];
+        for (row, ((dy, xhat), dx)) in dy
+            .chunks_exact(width)
+            .zip(cache.normalized.chunks_exact(width))
+            .zip(dx.chunks_exact_mut(width))
+            .enumerate()
+        {
+            let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+            for j in 0..width {
+                let g = dy[j] * weight[j];
+                mean_g += g;
+                mean_gx += g * xhat[j];
+                weight_grad[j] += dy[j] * xhat[j];
+                bias_grad[j] += dy[j];
+            }
+            mean_g /= n;
+            mean_gx /= n;
+            let inverse_std = cache.inverse_std[row];
+            for j in 0..width {
+                dx[j] = inverse_std * (dy[j] * weight[j] - mean_g - xhat[j] * mean_gx);
+            }
+        }
+        if self.request.parameters {
+            let device = out_grad.device();
+            grads.insert(
+                format!("{name}.weight"),
+                Tensor::from_vec(weight_grad, width, device)?,
+            );
+            grads.insert(
+                format!("{name}.bias"),
+                Tensor::from_vec(bias_grad, width, device)?,
+            );
+        }
+        Tensor::from_vec(dx, shape, out_grad.device())
+    }
+}
+
+/// The sum of a matrix's rows (a bias gradient), as one matrix product: candle's `sum(0)` walks the
+/// column-strided layout element by element.
+fn sum_rows(grad: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = grad.dim(0)?;
+    Tensor::ones((1, rows), grad.dtype(), grad.device())?
+        .matmul(grad)?
+        .squeeze(0)
+}
+
+/// `x W^T + b` on rows.
+fn affine(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let y = x.matmul(&weight.t()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// A tensor's elements in row-major order.
+fn values<T: WithDType>(t: &Tensor) -> candle_core::Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+/// Layer norm over the last dimension of rows, as [`super::layer_norm`] computes it; returns the output
+/// and what the backward needs.
+fn layer_norm_forward<T: Float>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: T,
+) -> candle_core::Result<(Tensor, NormCache<T>)> {
+    let width = x.dim(D::Minus1)?;
+    let xs = values::<T>(x)?;
+    let (weight, bias) = (values::<T>(weight)?, values::<T>(bias)?);
+    let n = T::from_f64(width as f64);
+    let mut normalized = vec![T::zero(); xs.len()];
+    let mut out = vec![T::zero(); xs.len()];
+    let mut inverse_std = Vec::with_capacity(xs.len() / width.max(1));
+    for ((row, xhat), y) in xs
+        .chunks_exact(width)
+        .zip(normalized.chunks_exact_mut(width))
+        .zip(out.chunks_exact_mut(width))
+    {
+        let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
+        let variance = row
+            .iter()
+            .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
+            / n;
+        let r = T::one() / (variance + eps).sqrt();
+        for j in 0..width {
+            xhat[j] = (row[j] - mean) * r;
+            y[j] = xhat[j] * weight[j] + bias[j];
+        }
+        inverse_std.push(r);
+    }
+    Ok((
+        Tensor::from_vec(out, x.shape(), x.device())?,
+        NormCache {
+            normalized,
+            inverse_std,
+        },
+    ))
+}
+
+/// Softmax of `scale * scores` over rows of length `width`.
+fn softmax_rows<T: Float>(scores: &[T], width: usize, scale: T) -> Vec<T> {
+    let mut out = vec![T::zero(); scores.len()];
+    for (row, y) in scores.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let max = row
+            .iter()
+            .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
+        let mut sum = T::zero();
+        for (y, &s) in y.iter_mut().zip(row) {
+            *y = ((s - max) * scale).exp();
+            sum += *y;
+        }
+        for y in y.iter_mut() {
+            *y /= sum;
+        }
+    }
+    out
+}
+
+/// Backward of [`softmax_rows`]: the gradient of the scores from that of the probabilities.
+fn softmax_rows_backward<T: Float>(
+    probabilities_grad: &[T],
+    probabilities: &[T],
+    width: usize,
+    scale: T,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); probabilities.len()];
+    for ((dy, y), dx) in probabilities_grad
+        .chunks_exact(width)
+        .zip(probabilities.chunks_exact(width))
+        .zip(out.chunks_exact_mut(width))
+    {
+        let dot = dy.iter().zip(y).fold(T::zero(), |s, (&g, &p)| s + g * p);
+        for j in 0..width {
+            dx[j] = scale * y[j] * (dy[j] - dot);
+        }
+    }
+    out
+}
+
+/// Elements per parallel task of the element-wise kernels: large enough to amortise the hand-off.
+const CHUNK: usize = 8192;
+
+/// The exact GELU, u Phi(u), of every element, and Phi(u) for the backward.
+fn gelu_forward<T: Float>(pre: &[T]) -> (Vec<T>, Vec<T>) {
+    let half = T::from_f64(0.5);
+    let inverse_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
+    let mut activation = vec![T::zero(); pre.len()];
+    let mut cdf = vec![T::zero(); pre.len()];
+    pre.par_chunks(CHUNK)
+        .zip(activation.par_chunks_mut(CHUNK))
+        .zip(cdf.par_chunks_mut(CHUNK))
+        .for_each(|((u, a), c)| {
+            for j in 0..u.len() {
+                c[j] = half * (T::one() + (u[j] * inverse_sqrt2).erf());
+                a[j] = u[j] * c[j];
+            }
+        });
+    (activation, cdf)
+}
+
+/// Backward of [`gelu_forward`]: the output gradient times Phi(u) + u phi(u).
+fn gelu_backward<T: Float>(out_grad: &[T], pre: &[T], cdf: &[T]) -> Vec<T> {
+    let half = T::from_f64(0.5);
+    let density_scale =
+        T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+    let mut grad = vec![T::zero(); pre.len()];
+    grad.par_chunks_mut(CHUNK)
+        .zip(out_grad.par_chunks(CHUNK))
+        .zip(pre.par_chunks(CHUNK).zip(cdf.par_chunks(CHUNK)))
+        .for_each(|((g, dy), (u, c))| {
+            for j in 0..g.len() {
+                let density = density_scale * (-(u[j] * u[j]) * half).exp();
+                g[j] = dy[j] * (c[j] + u[j] * density);
+            }
+        });
+    grad
+}
+
+/// The mean cross-entropy `-(1/B) sum t log softmax(z)` of logits (B x L) against targets, and its
+/// gradient with respect to the logits, `(softmax(z) * sum(t) - t) / B` per row.
+fn cross_entropy_backward<T: Float>(
+    logits: &Tensor,
+    targets: &Tensor,
+) -> candle_core::Result<(f64, Tensor)> {
+    let (batch, classes) = logits.dims2()?;
+    if targets.dims() != [batch, classes] {
+        candle_core::bail!(
+            "targets have shape {:?}, the logits {:?}",
+            targets.dims(),
+            logits.dims()
+        );
+    }
+    let logits_values = values::<T>(logits)?;
+    let probabilities = softmax_rows(&logits_values, classes, T::one());
+    let targets = values::<T>(&targets.to_dtype(logits.dtype())?)?;
+    let inverse_batch = T::one() / T::from_f64(batch as f64);
+    let mut grad = vec![T::zero(); probabilities.len()];
+    let mut loss = 0f64;
+    for (((z, p), t), g) in logits_values
+        .chunks_exact(classes)
+        .zip(probabilities.chunks_exact(classes))
+        .zip(targets.chunks_exact(classes))
+        .zip(grad.chunks_exact_mut(classes))
+    {
+        let z: Vec<f64> = z.iter().map(|&v| WithDType::to_f64(v)).collect();
+        let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+        let log_norm = z.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+        let mass = t.iter().fold(T::zero(), |s, &v| s + v);
+        for j in 0..classes {
+            g[j] = (p[j] * mass - t[j]) * inverse_batch;
+            loss -= WithDType::to_f64(t[j]) * (z[j] - log_norm);
+        }
+    }
+    Ok((
+        loss / batch as f64,
+        Tensor::from_vec(grad, (batch, classes), logits.device())?,
+    ))
+}
