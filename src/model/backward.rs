@@ -93,15 +93,29 @@ struct NormCache<T> {
 
 /// What one block's backward needs from its forward.
 struct BlockCache<T> {
+    /// Query tokens per image: all of them, or 1 (the CLS token) in the last block.
+    query_tokens: usize,
     norm_before: NormCache<T>,
     attention_input: Tensor,
+    query_input: Tensor,
     query: Tensor,
     key: Tensor,
     value: Tensor,
     attention: Vec<T>,
     merged: Tensor,
-    norm_after: NormCache<T>,
-    mlp_input: Tensor,
+    mlp: MlpCache<T>,
+}
+
+/// A block's attention projections, each a (weight, optional bias).
+struct Projections {
+    query: (Tensor, Option<Tensor>),
+    key_value: (Tensor, Option<Tensor>),
+}
+
+/// What the MLP half of a block (layer norm, fc1, GELU, fc2) needs for its backward.
+struct MlpCache<T> {
+    norm: NormCache<T>,
+    input: Tensor,
     pre_activation: Vec<T>,
     cdf: Vec<T>,
     activation: Tensor,
@@ -162,19 +176,28 @@ impl Pass<'_> {
         .broadcast_add(&positions)?
         .reshape((rows, d))?;
 
-        // Encoder blocks.
+        // Encoder blocks. Only the CLS token of the last block's output reaches the loss, so that
+        // block computes its queries, attention output and MLP for the CLS token alone (exact: the
+        // other rows would get zero gradient).
         let mut caches = Vec::with_capacity(cfg.num_hidden_layers);
         for layer in 0..cfg.num_hidden_layers {
-            let (next, cache) = self.block_forward::<T>(layer, &x, batch, tokens, eps)?;
+            let query_tokens = if layer + 1 == cfg.num_hidden_layers {
+                1
+            } else {
+                tokens
+            };
+            let (next, cache) =
+                self.block_forward::<T>(layer, &x, batch, tokens, query_tokens, eps)?;
             caches.push(cache);
             x = next;
         }
 
         // Head: final layer norm of the CLS token, classifier, mean cross-entropy.
-        let cls_out = x
-            .reshape((batch, tokens, d))?
-            .narrow(1, 0, 1)?
-            .reshape((batch, d))?;
+        let cls_out = if cfg.num_hidden_layers == 0 {
+            leading_rows(&x, batch, tokens, 1)?
+        } else {
+            x.clone()
+        };
         let (features, final_norm) = layer_norm_forward::<T>(
             &cls_out,
             &self.param("vit.layernorm.weight")?,
@@ -202,15 +225,11 @@ impl Pass<'_> {
             &final_norm,
             &mut grads,
         )?;
-        let mut x_grad = Tensor::cat(
-            &[
-                &cls_grad.reshape((batch, 1, d))?,
-                &Tensor::zeros((batch, tokens - 1, d), images.dtype(), images.device())?,
-            ],
-            1,
-        )?
-        .reshape((rows, d))?;
-
+        let mut x_grad = if cfg.num_hidden_layers == 0 {
+            add_to_leading_rows::<T>(&x.zeros_like()?, &cls_grad, tokens)?
+        } else {
+            cls_grad
+        };
         for (layer, cache) in caches.iter().enumerate().rev() {
             x_grad = self.block_backward::<T>(layer, &x_grad, cache, batch, tokens, &mut grads)?;
         }
@@ -267,13 +286,16 @@ impl Pass<'_> {
         format!("vit.encoder.layer.{layer}")
     }
 
-    /// One pre-norm block forward on the token rows (B*T x D).
+    /// One pre-norm block forward on the token rows (B*T x D). Every token attends to all; only
+    /// the first `query_tokens` of each image are queries and come out (all of them, or the CLS
+    /// token in the last block): the output is (B*query_tokens x D).
     fn block_forward<T: Float>(
         &self,
         layer: usize,
         x: &Tensor,
         batch: usize,
         tokens: usize,
+        query_tokens: usize,
         eps: T,
     ) -> candle_core::Result<(Tensor, BlockCache<T>)> {
         let cfg = self.config;
@@ -287,15 +309,28 @@ impl Pass<'_> {
             &self.param(&format!("{prefix}.layernorm_before.bias"))?,
             eps,
         )?;
-        let (qkv_weight, qkv_bias) = self.qkv(&prefix)?;
-        let qkv = affine(&attention_input, &qkv_weight, qkv_bias.as_ref())?;
-        let split = |index: usize| -> candle_core::Result<Tensor> {
-            qkv.narrow(1, index * d, d)?
-                .reshape((batch, tokens, heads, head_dim))?
+        let projections = self.attention_projections(&prefix)?;
+        let query_input = leading_rows(&attention_input, batch, tokens, query_tokens)?;
+        let split = |rows: Tensor, count: usize| -> candle_core::Result<Tensor> {
+            rows.reshape((batch, count, heads, head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (query, key, value) = (split(0)?, split(1)?, split(2)?);
+        let query = split(
+            affine(
+                &query_input,
+                &projections.query.0,
+                projections.query.1.as_ref(),
+            )?,
+            query_tokens,
+        )?;
+        let key_value = affine(
+            &attention_input,
+            &projections.key_value.0,
+            projections.key_value.1.as_ref(),
+        )?;
+        let key = split(key_value.narrow(1, 0, d)?, tokens)?;
+        let value = split(key_value.narrow(1, d, d)?, tokens)?;
         let scores = query.matmul(&key.t()?)?;
         let scale = T::from_f64(1.0 / (head_dim as f64).sqrt());
         let attention = softmax_rows::<T>(&values::<T>(&scores)?, tokens, scale);
@@ -303,22 +338,46 @@ impl Pass<'_> {
         let merged = attention_tensor
             .matmul(&value)?
             .transpose(1, 2)?
-            .reshape((batch * tokens, d))?;
+            .reshape((batch * query_tokens, d))?;
         let attended = affine(
             &merged,
             &self.param(&format!("{prefix}.attention.output.dense.weight"))?,
             Some(&self.param(&format!("{prefix}.attention.output.dense.bias"))?),
         )?;
-        let x = (x + attended)?;
+        let x = (leading_rows(x, batch, tokens, query_tokens)? + attended)?;
+        let (x, mlp) = self.mlp_forward::<T>(&prefix, &x, eps)?;
+        Ok((
+            x,
+            BlockCache {
+                query_tokens,
+                norm_before,
+                attention_input,
+                query_input,
+                query,
+                key,
+                value,
+                attention,
+                merged,
+                mlp,
+            },
+        ))
+    }
 
-        let (mlp_input, norm_after) = layer_norm_forward::<T>(
-            &x,
+    /// The MLP half of a block on rows: `x + fc2(GELU(fc1(LN(x))))`.
+    fn mlp_forward<T: Float>(
+        &self,
+        prefix: &str,
+        x: &Tensor,
+        eps: T,
+    ) -> candle_core::Result<(Tensor, MlpCache<T>)> {
+        let (input, norm) = layer_norm_forward::<T>(
+            x,
             &self.param(&format!("{prefix}.layernorm_after.weight"))?,
             &self.param(&format!("{prefix}.layernorm_after.bias"))?,
             eps,
         )?;
         let pre = affine(
-            &mlp_input,
+            &input,
             &self.param(&format!("{prefix}.intermediate.dense.weight"))?,
             Some(&self.param(&format!("{prefix}.intermediate.dense.bias"))?),
         )?;
@@ -330,19 +389,11 @@ impl Pass<'_> {
             &self.param(&format!("{prefix}.output.dense.weight"))?,
             Some(&self.param(&format!("{prefix}.output.dense.bias"))?),
         )?;
-        let x = (x + out)?;
         Ok((
-            x,
-            BlockCache {
-                norm_before,
-                attention_input,
-                query,
-                key,
-                value,
-                attention,
-                merged,
-                norm_after,
-                mlp_input,
+            (x + out)?,
+            MlpCache {
+                norm,
+                input,
                 pre_activation,
                 cdf,
                 activation,
@@ -350,25 +401,67 @@ impl Pass<'_> {
         ))
     }
 
-    /// The query, key and value projections stacked into one (3D x D) weight and (3D) bias.
-    fn qkv(&self, prefix: &str) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let name = |part: &str, what: &str| format!("{prefix}.attention.attention.{part}.{what}");
-        let parts = ["query", "key", "value"];
-        let weights = parts
-            .iter()
-            .map(|part| self.param(&name(part, "weight")))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let biases = parts
-            .iter()
-            .map(|part| self.optional_param(&name(part, "bias"), self.config.qkv_bias))
-            .collect::<candle_core::Result<Option<Vec<_>>>>()?;
-        Ok((
-            Tensor::cat(&weights, 0)?,
-            biases.map(|b| Tensor::cat(&b, 0)).transpose()?,
-        ))
+    /// Backward of [`Pass::mlp_forward`]: the gradient of its input rows, residual included.
+    fn mlp_backward<T: Float>(
+        &self,
+        prefix: &str,
+        out_grad: &Tensor,
+        cache: &MlpCache<T>,
+        grads: &mut ParamMap,
+    ) -> candle_core::Result<Tensor> {
+        let activation_grad = self.linear_backward(
+            &format!("{prefix}.output.dense"),
+            out_grad,
+            &cache.activation,
+            grads,
+        )?;
+        let pre_grad = gelu_backward(
+            &values::<T>(&activation_grad)?,
+            &cache.pre_activation,
+            &cache.cdf,
+        );
+        let pre_grad = Tensor::from_vec(pre_grad, activation_grad.shape(), out_grad.device())?;
+        let input_grad = self.linear_backward(
+            &format!("{prefix}.intermediate.dense"),
+            &pre_grad,
+            &cache.input,
+            grads,
+        )?;
+        out_grad
+            + self.layer_norm_backward::<T>(
+                &format!("{prefix}.layernorm_after"),
+                &input_grad,
+                &cache.norm,
+                grads,
+            )?
     }
 
-    /// One block backward: the gradient of its input rows from that of its output rows.
+    /// The query projection (weight, bias) and the key and value projections stacked into one
+    /// (2D x D) weight and (2D) bias.
+    fn attention_projections(&self, prefix: &str) -> candle_core::Result<Projections> {
+        let name = |part: &str, what: &str| format!("{prefix}.attention.attention.{part}.{what}");
+        let bias = |part: &str| self.optional_param(&name(part, "bias"), self.config.qkv_bias);
+        let key_value_bias = match (bias("key")?, bias("value")?) {
+            (Some(k), Some(v)) => Some(Tensor::cat(&[k, v], 0)?),
+            _ => None,
+        };
+        Ok(Projections {
+            query: (self.param(&name("query", "weight"))?, bias("query")?),
+            key_value: (
+                Tensor::cat(
+                    &[
+                        self.param(&name("key", "weight"))?,
+                        self.param(&name("value", "weight"))?,
+                    ],
+                    0,
+                )?,
+                key_value_bias,
+            ),
+        })
+    }
+
+    /// One block backward: the gradient of its input rows (B*T x D) from that of its output rows
+    /// (B*query_tokens x D).
     fn block_backward<T: Float>(
         &self,
         layer: usize,
@@ -382,34 +475,10 @@ impl Pass<'_> {
         let prefix = Self::block_prefix(layer);
         let (d, heads) = (cfg.hidden_size, cfg.num_attention_heads);
         let head_dim = d / heads;
+        let query_tokens = cache.query_tokens;
         let device = out_grad.device();
 
-        // MLP branch.
-        let activation_grad = self.linear_backward(
-            &format!("{prefix}.output.dense"),
-            out_grad,
-            &cache.activation,
-            grads,
-        )?;
-        let pre_grad = gelu_backward(
-            &values::<T>(&activation_grad)?,
-            &cache.pre_activation,
-            &cache.cdf,
-        );
-        let pre_grad = Tensor::from_vec(pre_grad, activation_grad.shape(), device)?;
-        let mlp_input_grad = self.linear_backward(
-            &format!("{prefix}.intermediate.dense"),
-            &pre_grad,
-            &cache.mlp_input,
-            grads,
-        )?;
-        let x_grad = (out_grad
-            + self.layer_norm_backward::<T>(
-                &format!("{prefix}.layernorm_after"),
-                &mlp_input_grad,
-                &cache.norm_after,
-                grads,
-            )?)?;
+        let x_grad = self.mlp_backward::<T>(&prefix, out_grad, &cache.mlp, grads)?;
 
         // Attention branch.
         let merged_grad = self.linear_backward(
@@ -419,10 +488,10 @@ impl Pass<'_> {
             grads,
         )?;
         let context_grad = merged_grad
-            .reshape((batch, tokens, heads, head_dim))?
+            .reshape((batch, query_tokens, heads, head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
-        let attention_shape = (batch, heads, tokens, tokens);
+        let attention_shape = (batch, heads, query_tokens, tokens);
         let attention = Tensor::from_slice(&cache.attention, attention_shape, device)?;
         let value_grad = attention.t()?.matmul(&context_grad)?;
         let attention_grad = context_grad.matmul(&cache.value.t()?)?;
@@ -436,36 +505,53 @@ impl Pass<'_> {
         let scores_grad = Tensor::from_vec(scores_grad, attention_shape, device)?;
         let query_grad = scores_grad.matmul(&cache.key)?;
         let key_grad = scores_grad.t()?.matmul(&cache.query)?;
-        let merge = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.transpose(1, 2)?.reshape((batch * tokens, d))
+        let merge = |t: Tensor, count: usize| -> candle_core::Result<Tensor> {
+            t.transpose(1, 2)?.reshape((batch * count, d))
         };
-        let qkv_grad = Tensor::cat(
-            &[merge(query_grad)?, merge(key_grad)?, merge(value_grad)?],
-            1,
-        )?;
-        let (qkv_weight, _) = self.qkv(&prefix)?;
+        let query_grad = merge(query_grad, query_tokens)?;
+        let key_value_grad =
+            Tensor::cat(&[merge(key_grad, tokens)?, merge(value_grad, tokens)?], 1)?;
+        let projections = self.attention_projections(&prefix)?;
         if self.request.parameters {
-            let weight_grad = qkv_grad.t()?.matmul(&cache.attention_input)?;
-            let bias_grad = sum_rows(&qkv_grad)?;
-            for (index, part) in ["query", "key", "value"].into_iter().enumerate() {
-                let name = format!("{prefix}.attention.attention.{part}");
-                grads.insert(
-                    format!("{name}.weight"),
-                    weight_grad.narrow(0, index * d, d)?,
-                );
+            let attention_prefix = format!("{prefix}.attention.attention");
+            let key_value_weight = key_value_grad.t()?.matmul(&cache.attention_input)?;
+            let key_value_bias = sum_rows(&key_value_grad)?;
+            let parts = [
+                (
+                    "query",
+                    query_grad.t()?.matmul(&cache.query_input)?,
+                    sum_rows(&query_grad)?,
+                ),
+                (
+                    "key",
+                    key_value_weight.narrow(0, 0, d)?,
+                    key_value_bias.narrow(0, 0, d)?,
+                ),
+                (
+                    "value",
+                    key_value_weight.narrow(0, d, d)?,
+                    key_value_bias.narrow(0, d, d)?,
+                ),
+            ];
+            for (part, weight, bias) in parts {
+                grads.insert(format!("{attention_prefix}.{part}.weight"), weight);
                 if cfg.qkv_bias {
-                    grads.insert(format!("{name}.bias"), bias_grad.narrow(0, index * d, d)?);
+                    grads.insert(format!("{attention_prefix}.{part}.bias"), bias);
                 }
             }
         }
-        let attention_input_grad = qkv_grad.matmul(&qkv_weight)?;
-        x_grad
-            + self.layer_norm_backward::<T>(
-                &format!("{prefix}.layernorm_before"),
-                &attention_input_grad,
-                &cache.norm_before,
-                grads,
-            )?
+        let attention_input_grad = add_to_leading_rows::<T>(
+            &key_value_grad.matmul(&projections.key_value.0)?,
+            &query_grad.matmul(&projections.query.0)?,
+            tokens,
+        )?;
+        let norm_grad = self.layer_norm_backward::<T>(
+            &format!("{prefix}.layernorm_before"),
+            &attention_input_grad,
+            &cache.norm_before,
+            grads,
+        )?;
+        add_to_leading_rows::<T>(&norm_grad, &x_grad, tokens)
     }
 
     /// Backward of `y = x W^T + b` (module `name`): records the weight and bias gradients when
@@ -544,6 +630,47 @@ fn sum_rows(grad: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::ones((1, rows), grad.dtype(), grad.device())?
         .matmul(grad)?
         .squeeze(0)
+}
+
+/// The first `count` token rows of every image of token rows (B*tokens x D), as (B*count x D).
+fn leading_rows(
+    x: &Tensor,
+    batch: usize,
+    tokens: usize,
+    count: usize,
+) -> candle_core::Result<Tensor> {
+    if count == tokens {
+        return Ok(x.clone());
+    }
+    let d = x.dim(1)?;
+    x.reshape((batch, tokens, d))?
+        .narrow(1, 0, count)?
+        .reshape((batch * count, d))
+}
+
+/// Token rows (B*tokens x D) with `addition` (B*count x D) added to the first `count` rows of
+/// every image: the backward of [`leading_rows`], accumulated.
+fn add_to_leading_rows<T: Float>(
+    x: &Tensor,
+    addition: &Tensor,
+    tokens: usize,
+) -> candle_core::Result<Tensor> {
+    let (rows, d) = x.dims2()?;
+    if addition.dims() == x.dims() {
+        return x + addition;
+    }
+    let count = addition.dim(0)? / (rows / tokens).max(1);
+    let mut sum = values::<T>(x)?;
+    let addition = values::<T>(addition)?;
+    for (image_rows, added) in sum
+        .chunks_exact_mut(tokens * d)
+        .zip(addition.chunks_exact(count * d))
+    {
+        for (target, &value) in image_rows[..count * d].iter_mut().zip(added) {
+            *target += value;
+        }
+    }
+    Tensor::from_vec(sum, (rows, d), x.device())
 }
 
 /// `x W^T + b` on rows.

@@ -309,109 +309,111 @@ fn a_constant_weight_takes_the_frozen_matmul_with_the_same_value_and_input_gradi
 
 /// The hand-written backward (`loss_gradients`) against candle's autograd through the composite
 /// layers, in f64: every parameter's gradient and the input's, with learnable and sin-cos positions,
-/// with and without query/key/value biases, for soft targets; and each request returns only what it
-/// asked for.
+/// with and without query/key/value biases, with one block (the last, CLS-only block alone) and
+/// three, for soft targets; and each request returns only what it asked for.
 #[test]
 fn hand_written_backward_matches_autograd_for_every_parameter_and_the_input() {
-    for kind in [
-        PositionEmbeddingKind::Learnable,
-        PositionEmbeddingKind::Sincos,
-    ] {
-        for qkv_bias in [true, false] {
-            let mut cfg = micro_config(kind);
-            cfg.qkv_bias = qkv_bias;
-            // Initial values plus jitter: a model in its working range, where every gradient is of
-            // order one (the tenfold scale of `parameters` saturates it and the input gradient vanishes).
-            let mut params = init_parameters(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
-            for (i, value) in params.values_mut().enumerate() {
-                let jitter = lcg_values(value.elem_count(), 200 + i as u64);
-                let jitter = Tensor::from_vec(jitter, value.shape(), &Device::Cpu).unwrap();
-                *value = (value.clone() + ((jitter - 0.5).unwrap() * 0.8).unwrap()).unwrap();
+    let cases = [
+        (PositionEmbeddingKind::Learnable, true, 1),
+        (PositionEmbeddingKind::Learnable, false, 3),
+        (PositionEmbeddingKind::Sincos, true, 3),
+        (PositionEmbeddingKind::Sincos, false, 1),
+    ];
+    for (kind, qkv_bias, layers) in cases {
+        let mut cfg = micro_config(kind);
+        cfg.qkv_bias = qkv_bias;
+        cfg.num_hidden_layers = layers;
+        // Initial values plus jitter: a model in its working range, where every gradient is of
+        // order one (the tenfold scale of `parameters` saturates it and the input gradient vanishes).
+        let mut params = init_parameters(&cfg, 5, DType::F64, &Device::Cpu).unwrap();
+        for (i, value) in params.values_mut().enumerate() {
+            let jitter = lcg_values(value.elem_count(), 200 + i as u64);
+            let jitter = Tensor::from_vec(jitter, value.shape(), &Device::Cpu).unwrap();
+            *value = (value.clone() + ((jitter - 0.5).unwrap() * 0.8).unwrap()).unwrap();
+        }
+        let (vars, tracked) = variables(&params);
+        let x = Var::from_tensor(&image_batch(&cfg, 3, 11)).unwrap();
+        let target = Tensor::new(
+            &[[0.7f64, 0.2, 0.1], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let loss = cross_entropy(
+            &model_over(&cfg, &tracked).forward(x.as_tensor()).unwrap(),
+            &target,
+        )
+        .unwrap();
+        let autograd = loss.backward().unwrap();
+        let expected_loss = loss.to_scalar::<f64>().unwrap();
+        let both = GradientRequest {
+            input: true,
+            parameters: true,
+        };
+        let manual = loss_gradients(&cfg, &params, x.as_tensor(), &target, both)
+            .unwrap()
+            .unwrap();
+        assert!((manual.loss - expected_loss).abs() <= 1e-13 * expected_loss.abs().max(1.0));
+        let max_difference = |a: &Tensor, b: &Tensor| -> (f64, f64) {
+            assert_eq!(a.dims(), b.dims());
+            let difference = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = b.abs().unwrap().max_all().unwrap();
+            (
+                difference.to_scalar::<f64>().unwrap(),
+                scale.to_scalar::<f64>().unwrap(),
+            )
+        };
+        let (difference, scale) = max_difference(
+            manual.input.as_ref().unwrap(),
+            autograd.get(x.as_tensor()).unwrap(),
+        );
+        assert!(
+            scale > 1e-6,
+            "{kind:?}: the input gradient is trivially small ({scale:.2e}, {difference:.2e})"
+        );
+        assert!(
+            difference <= 1e-12 * scale.max(1.0),
+            "{kind:?} input: {difference:.2e}"
+        );
+        let manual_params = manual.parameters.unwrap();
+        assert_eq!(
+            manual_params.keys().collect::<Vec<_>>(),
+            params.keys().collect::<Vec<_>>()
+        );
+        for (name, grad) in &manual_params {
+            let reference = autograd
+                .get(vars[name].as_tensor())
+                .unwrap_or_else(|| panic!("autograd has no gradient for `{name}`"));
+            let (difference, scale) = max_difference(grad, reference);
+            if name.ends_with("key.bias") {
+                // Zero in exact arithmetic (softmax ignores a per-row shift): both are rounding.
+                assert!(scale < 1e-15 && difference < 1e-15, "`{name}`: {scale:.2e}");
+                continue;
             }
-            let (vars, tracked) = variables(&params);
-            let x = Var::from_tensor(&image_batch(&cfg, 3, 11)).unwrap();
-            let target = Tensor::new(
-                &[[0.7f64, 0.2, 0.1], [0.0, 1.0, 0.0], [0.3, 0.3, 0.4]],
-                &Device::Cpu,
-            )
-            .unwrap();
-            let loss = cross_entropy(
-                &model_over(&cfg, &tracked).forward(x.as_tensor()).unwrap(),
-                &target,
-            )
-            .unwrap();
-            let autograd = loss.backward().unwrap();
-            let expected_loss = loss.to_scalar::<f64>().unwrap();
-            let both = GradientRequest {
-                input: true,
-                parameters: true,
-            };
-            let manual = loss_gradients(&cfg, &params, x.as_tensor(), &target, both)
-                .unwrap()
-                .unwrap();
-            assert!((manual.loss - expected_loss).abs() <= 1e-13 * expected_loss.abs().max(1.0));
-            let max_difference = |a: &Tensor, b: &Tensor| -> (f64, f64) {
-                assert_eq!(a.dims(), b.dims());
-                let difference = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-                let scale = b.abs().unwrap().max_all().unwrap();
-                (
-                    difference.to_scalar::<f64>().unwrap(),
-                    scale.to_scalar::<f64>().unwrap(),
-                )
-            };
-            let (difference, scale) = max_difference(
-                manual.input.as_ref().unwrap(),
-                autograd.get(x.as_tensor()).unwrap(),
-            );
             assert!(
-                scale > 1e-6,
-                "{kind:?}: the input gradient is trivially small ({scale:.2e}, {difference:.2e})"
-            );
-            assert!(
-                difference <= 1e-12 * scale.max(1.0),
-                "{kind:?} input: {difference:.2e}"
-            );
-            let manual_params = manual.parameters.unwrap();
-            assert_eq!(
-                manual_params.keys().collect::<Vec<_>>(),
-                params.keys().collect::<Vec<_>>()
-            );
-            for (name, grad) in &manual_params {
-                let reference = autograd
-                    .get(vars[name].as_tensor())
-                    .unwrap_or_else(|| panic!("autograd has no gradient for `{name}`"));
-                let (difference, scale) = max_difference(grad, reference);
-                if name.ends_with("key.bias") {
-                    // Zero in exact arithmetic (softmax ignores a per-row shift): both are rounding.
-                    assert!(scale < 1e-15 && difference < 1e-15, "`{name}`: {scale:.2e}");
-                    continue;
-                }
-                assert!(
                     difference <= 1e-12 * scale.max(1e-3),
                     "{kind:?}, qkv bias {qkv_bias}, `{name}`: differs by {difference:.2e} (scale {scale:.2e})"
                 );
-            }
-            let input_only = GradientRequest {
-                input: true,
-                parameters: false,
-            };
-            let only = loss_gradients(&cfg, &params, x.as_tensor(), &target, input_only)
-                .unwrap()
-                .unwrap();
-            assert!(only.parameters.is_none());
-            assert_eq!(
-                max_difference(only.input.as_ref().unwrap(), manual.input.as_ref().unwrap()).0,
-                0.0
-            );
-            let parameters_only = GradientRequest {
-                input: false,
-                parameters: true,
-            };
-            let only = loss_gradients(&cfg, &params, x.as_tensor(), &target, parameters_only)
-                .unwrap()
-                .unwrap();
-            assert!(only.input.is_none());
-            assert_eq!(only.parameters.unwrap().len(), manual_params.len());
         }
+        let input_only = GradientRequest {
+            input: true,
+            parameters: false,
+        };
+        let only = loss_gradients(&cfg, &params, x.as_tensor(), &target, input_only)
+            .unwrap()
+            .unwrap();
+        assert!(only.parameters.is_none());
+        assert_eq!(
+            max_difference(only.input.as_ref().unwrap(), manual.input.as_ref().unwrap()).0,
+            0.0
+        );
+        let parameters_only = GradientRequest {
+            input: false,
+            parameters: true,
+        };
+        let only = loss_gradients(&cfg, &params, x.as_tensor(), &target, parameters_only)
+            .unwrap()
+            .unwrap();
+        assert!(only.input.is_none());
+        assert_eq!(only.parameters.unwrap().len(), manual_params.len());
     }
 }
