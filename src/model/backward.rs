@@ -585,27 +585,46 @@ impl Pass<'_> {
         let dy = values::<T>(out_grad)?;
         let n = T::from_f64(width as f64);
         let mut dx = vec![T::zero(); dy.len()];
+        let rows_per_task = (CHUNK / width.max(1)).max(1);
+        // Per task: its rows' input gradients, and partial scale and shift gradients, summed below
+        // in task order (so the result does not depend on scheduling).
+        let partials: Vec<(Vec<T>, Vec<T>)> = dy
+            .par_chunks(rows_per_task * width)
+            .zip(cache.normalized.par_chunks(rows_per_task * width))
+            .zip(dx.par_chunks_mut(rows_per_task * width))
+            .zip(cache.inverse_std.par_chunks(rows_per_task))
+            .map(|(((dy, xhat), dx), inverse_std)| {
+                let mut weight_grad = vec![T::zero(); width];
+                let mut bias_grad = vec![T::zero(); width];
+                for (((dy, xhat), dx), &inverse_std) in dy
+                    .chunks_exact(width)
+                    .zip(xhat.chunks_exact(width))
+                    .zip(dx.chunks_exact_mut(width))
+                    .zip(inverse_std)
+                {
+                    let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+                    for j in 0..width {
+                        let g = dy[j] * weight[j];
+                        mean_g += g;
+                        mean_gx += g * xhat[j];
+                        weight_grad[j] += dy[j] * xhat[j];
+                        bias_grad[j] += dy[j];
+                    }
+                    mean_g /= n;
+                    mean_gx /= n;
+                    for j in 0..width {
+                        dx[j] = inverse_std * (dy[j] * weight[j] - mean_g - xhat[j] * mean_gx);
+                    }
+                }
+                (weight_grad, bias_grad)
+            })
+            .collect();
         let mut weight_grad = vec![T::zero(); width];
         let mut bias_grad = vec![T::zero(); width];
-        for (row, ((dy, xhat), dx)) in dy
-            .chunks_exact(width)
-            .zip(cache.normalized.chunks_exact(width))
-            .zip(dx.chunks_exact_mut(width))
-            .enumerate()
-        {
-            let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+        for (w, b) in &partials {
             for j in 0..width {
-                let g = dy[j] * weight[j];
-                mean_g += g;
-                mean_gx += g * xhat[j];
-                weight_grad[j] += dy[j] * xhat[j];
-                bias_grad[j] += dy[j];
-            }
-            mean_g /= n;
-            mean_gx /= n;
-            let inverse_std = cache.inverse_std[row];
-            for j in 0..width {
-                dx[j] = inverse_std * (dy[j] * weight[j] - mean_g - xhat[j] * mean_gx);
+                weight_grad[j] += w[j];
+                bias_grad[j] += b[j];
             }
         }
         if self.request.parameters {
@@ -701,24 +720,31 @@ fn layer_norm_forward<T: Float>(
     let n = T::from_f64(width as f64);
     let mut normalized = vec![T::zero(); xs.len()];
     let mut out = vec![T::zero(); xs.len()];
-    let mut inverse_std = Vec::with_capacity(xs.len() / width.max(1));
-    for ((row, xhat), y) in xs
-        .chunks_exact(width)
-        .zip(normalized.chunks_exact_mut(width))
-        .zip(out.chunks_exact_mut(width))
-    {
-        let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
-        let variance = row
-            .iter()
-            .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
-            / n;
-        let r = T::one() / (variance + eps).sqrt();
-        for j in 0..width {
-            xhat[j] = (row[j] - mean) * r;
-            y[j] = xhat[j] * weight[j] + bias[j];
-        }
-        inverse_std.push(r);
-    }
+    let mut inverse_std = vec![T::zero(); xs.len() / width.max(1)];
+    let rows_per_task = (CHUNK / width.max(1)).max(1);
+    xs.par_chunks(rows_per_task * width)
+        .zip(normalized.par_chunks_mut(rows_per_task * width))
+        .zip(out.par_chunks_mut(rows_per_task * width))
+        .zip(inverse_std.par_chunks_mut(rows_per_task))
+        .for_each(|(((xs, normalized), out), inverse_std)| {
+            for (((row, xhat), y), r) in xs
+                .chunks_exact(width)
+                .zip(normalized.chunks_exact_mut(width))
+                .zip(out.chunks_exact_mut(width))
+                .zip(inverse_std)
+            {
+                let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
+                let variance = row
+                    .iter()
+                    .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
+                    / n;
+                *r = T::one() / (variance + eps).sqrt();
+                for j in 0..width {
+                    xhat[j] = (row[j] - mean) * *r;
+                    y[j] = xhat[j] * weight[j] + bias[j];
+                }
+            }
+        });
     Ok((
         Tensor::from_vec(out, x.shape(), x.device())?,
         NormCache {
@@ -731,19 +757,25 @@ fn layer_norm_forward<T: Float>(
 /// Softmax of `scale * scores` over rows of length `width`.
 fn softmax_rows<T: Float>(scores: &[T], width: usize, scale: T) -> Vec<T> {
     let mut out = vec![T::zero(); scores.len()];
-    for (row, y) in scores.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let max = row
-            .iter()
-            .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
-        let mut sum = T::zero();
-        for (y, &s) in y.iter_mut().zip(row) {
-            *y = ((s - max) * scale).exp();
-            sum += *y;
-        }
-        for y in y.iter_mut() {
-            *y /= sum;
-        }
-    }
+    let task = (CHUNK / width.max(1)).max(1) * width;
+    scores
+        .par_chunks(task)
+        .zip(out.par_chunks_mut(task))
+        .for_each(|(scores, out)| {
+            for (row, y) in scores.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+                let max = row
+                    .iter()
+                    .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
+                let mut sum = T::zero();
+                for (y, &s) in y.iter_mut().zip(row) {
+                    *y = ((s - max) * scale).exp();
+                    sum += *y;
+                }
+                for y in y.iter_mut() {
+                    *y /= sum;
+                }
+            }
+        });
     out
 }
 
@@ -755,16 +787,23 @@ fn softmax_rows_backward<T: Float>(
     scale: T,
 ) -> Vec<T> {
     let mut out = vec![T::zero(); probabilities.len()];
-    for ((dy, y), dx) in probabilities_grad
-        .chunks_exact(width)
-        .zip(probabilities.chunks_exact(width))
-        .zip(out.chunks_exact_mut(width))
-    {
-        let dot = dy.iter().zip(y).fold(T::zero(), |s, (&g, &p)| s + g * p);
-        for j in 0..width {
-            dx[j] = scale * y[j] * (dy[j] - dot);
-        }
-    }
+    let task = (CHUNK / width.max(1)).max(1) * width;
+    probabilities_grad
+        .par_chunks(task)
+        .zip(probabilities.par_chunks(task))
+        .zip(out.par_chunks_mut(task))
+        .for_each(|((probabilities_grad, probabilities), out)| {
+            for ((dy, y), dx) in probabilities_grad
+                .chunks_exact(width)
+                .zip(probabilities.chunks_exact(width))
+                .zip(out.chunks_exact_mut(width))
+            {
+                let dot = dy.iter().zip(y).fold(T::zero(), |s, (&g, &p)| s + g * p);
+                for j in 0..width {
+                    dx[j] = scale * y[j] * (dy[j] - dot);
+                }
+            }
+        });
     out
 }
 
