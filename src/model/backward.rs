@@ -7,9 +7,11 @@
 //! batch 8 (`perf record`, 2026-12-03), `Tensor::add`, mostly that accumulation, took 31 % of the main
 //! thread's samples and GELU's `erf` chain most of the rest. This module computes the same
 //! gradients with the matrix products on candle's GEMM and every element-wise stage fused into one loop
-//! per row (layer norm, softmax, GELU, cross-entropy), forward and backward, and no gradient
-//! bookkeeping. The layers are the ones of [`super::Vit`] (same parameter names, same formulas), and
-//! the tests check both against candle's autograd in f64.
+//! per row (layer norm, softmax, GELU, cross-entropy; rows split across rayon's threads), forward and
+//! backward, and no gradient bookkeeping. It also skips what cannot reach the loss: the last block
+//! computes queries, attention output and MLP for the CLS token only. The layers are the ones of
+//! [`super::Vit`] (same parameter names, same formulas), and the tests check both against candle's
+//! autograd in f64.
 //!
 //! It gives no second-order gradients: the exact double backward (DLG, `--input-gradient exact`)
 //! still runs through the autograd composites of [`super::layers`].
