@@ -590,37 +590,37 @@ impl Pass<'_> {
         let rows_per_task = (CHUNK / width.max(1)).max(1);
         // Per task: its rows' input gradients, and partial scale and shift gradients, summed below
         // in task order (so the result does not depend on scheduling).
-        let partials: Vec<(Vec<T>, Vec<T>)> = dy
-            .par_chunks(rows_per_task * width)
-            .zip(cache.normalized.par_chunks(rows_per_task * width))
-            .zip(dx.par_chunks_mut(rows_per_task * width))
-            .zip(cache.inverse_std.par_chunks(rows_per_task))
-            .map(|(((dy, xhat), dx), inverse_std)| {
-                let mut weight_grad = vec![T::zero(); width];
-                let mut bias_grad = vec![T::zero(); width];
-                for (((dy, xhat), dx), &inverse_std) in dy
-                    .chunks_exact(width)
-                    .zip(xhat.chunks_exact(width))
-                    .zip(dx.chunks_exact_mut(width))
-                    .zip(inverse_std)
-                {
-                    let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
-                    for j in 0..width {
-                        let g = dy[j] * weight[j];
-                        mean_g += g;
-                        mean_gx += g * xhat[j];
-                        weight_grad[j] += dy[j] * xhat[j];
-                        bias_grad[j] += dy[j];
-                    }
-                    mean_g /= n;
-                    mean_gx /= n;
-                    for j in 0..width {
-                        dx[j] = inverse_std * (dy[j] * weight[j] - mean_g - xhat[j] * mean_gx);
-                    }
-                }
-                (weight_grad, bias_grad)
-            })
+        let blocks: Vec<_> = dy
+            .chunks(rows_per_task * width)
+            .zip(cache.normalized.chunks(rows_per_task * width))
+            .zip(dx.chunks_mut(rows_per_task * width))
+            .zip(cache.inverse_std.chunks(rows_per_task))
             .collect();
+        let partials = map_blocks(blocks, |(((dy, xhat), dx), inverse_std)| {
+            let mut weight_grad = vec![T::zero(); width];
+            let mut bias_grad = vec![T::zero(); width];
+            for (((dy, xhat), dx), &inverse_std) in dy
+                .chunks_exact(width)
+                .zip(xhat.chunks_exact(width))
+                .zip(dx.chunks_exact_mut(width))
+                .zip(inverse_std)
+            {
+                let (mut mean_g, mut mean_gx) = (T::zero(), T::zero());
+                for j in 0..width {
+                    let g = dy[j] * weight[j];
+                    mean_g += g;
+                    mean_gx += g * xhat[j];
+                    weight_grad[j] += dy[j] * xhat[j];
+                    bias_grad[j] += dy[j];
+                }
+                mean_g /= n;
+                mean_gx /= n;
+                for j in 0..width {
+                    dx[j] = inverse_std * (dy[j] * weight[j] - mean_g - xhat[j] * mean_gx);
+                }
+            }
+            (weight_grad, bias_grad)
+        });
         let mut weight_grad = vec![T::zero(); width];
         let mut bias_grad = vec![T::zero(); width];
         for (w, b) in &partials {
@@ -724,29 +724,31 @@ fn layer_norm_forward<T: Float>(
     let mut out = vec![T::zero(); xs.len()];
     let mut inverse_std = vec![T::zero(); xs.len() / width.max(1)];
     let rows_per_task = (CHUNK / width.max(1)).max(1);
-    xs.par_chunks(rows_per_task * width)
-        .zip(normalized.par_chunks_mut(rows_per_task * width))
-        .zip(out.par_chunks_mut(rows_per_task * width))
-        .zip(inverse_std.par_chunks_mut(rows_per_task))
-        .for_each(|(((xs, normalized), out), inverse_std)| {
-            for (((row, xhat), y), r) in xs
-                .chunks_exact(width)
-                .zip(normalized.chunks_exact_mut(width))
-                .zip(out.chunks_exact_mut(width))
-                .zip(inverse_std)
-            {
-                let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
-                let variance = row
-                    .iter()
-                    .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
-                    / n;
-                *r = T::one() / (variance + eps).sqrt();
-                for j in 0..width {
-                    xhat[j] = (row[j] - mean) * *r;
-                    y[j] = xhat[j] * weight[j] + bias[j];
-                }
+    let blocks: Vec<_> = xs
+        .chunks(rows_per_task * width)
+        .zip(normalized.chunks_mut(rows_per_task * width))
+        .zip(out.chunks_mut(rows_per_task * width))
+        .zip(inverse_std.chunks_mut(rows_per_task))
+        .collect();
+    map_blocks(blocks, |(((xs, normalized), out), inverse_std)| {
+        for (((row, xhat), y), r) in xs
+            .chunks_exact(width)
+            .zip(normalized.chunks_exact_mut(width))
+            .zip(out.chunks_exact_mut(width))
+            .zip(inverse_std)
+        {
+            let mean = row.iter().fold(T::zero(), |s, &v| s + v) / n;
+            let variance = row
+                .iter()
+                .fold(T::zero(), |s, &v| s + (v - mean) * (v - mean))
+                / n;
+            *r = T::one() / (variance + eps).sqrt();
+            for j in 0..width {
+                xhat[j] = (row[j] - mean) * *r;
+                y[j] = xhat[j] * weight[j] + bias[j];
             }
-        });
+        }
+    });
     Ok((
         Tensor::from_vec(out, x.shape(), x.device())?,
         NormCache {
@@ -760,24 +762,22 @@ fn layer_norm_forward<T: Float>(
 fn softmax_rows<T: Float>(scores: &[T], width: usize, scale: T) -> Vec<T> {
     let mut out = vec![T::zero(); scores.len()];
     let task = (CHUNK / width.max(1)).max(1) * width;
-    scores
-        .par_chunks(task)
-        .zip(out.par_chunks_mut(task))
-        .for_each(|(scores, out)| {
-            for (row, y) in scores.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-                let max = row
-                    .iter()
-                    .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
-                let mut sum = T::zero();
-                for (y, &s) in y.iter_mut().zip(row) {
-                    *y = ((s - max) * scale).exp();
-                    sum += *y;
-                }
-                for y in y.iter_mut() {
-                    *y /= sum;
-                }
+    let blocks: Vec<_> = scores.chunks(task).zip(out.chunks_mut(task)).collect();
+    map_blocks(blocks, |(scores, out)| {
+        for (row, y) in scores.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+            let max = row
+                .iter()
+                .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
+            let mut sum = T::zero();
+            for (y, &s) in y.iter_mut().zip(row) {
+                *y = ((s - max) * scale).exp();
+                sum += *y;
             }
-        });
+            for y in y.iter_mut() {
+                *y /= sum;
+            }
+        }
+    });
     out
 }
 
@@ -790,27 +790,42 @@ fn softmax_rows_backward<T: Float>(
 ) -> Vec<T> {
     let mut out = vec![T::zero(); probabilities.len()];
     let task = (CHUNK / width.max(1)).max(1) * width;
-    probabilities_grad
-        .par_chunks(task)
-        .zip(probabilities.par_chunks(task))
-        .zip(out.par_chunks_mut(task))
-        .for_each(|((probabilities_grad, probabilities), out)| {
-            for ((dy, y), dx) in probabilities_grad
-                .chunks_exact(width)
-                .zip(probabilities.chunks_exact(width))
-                .zip(out.chunks_exact_mut(width))
-            {
-                let dot = dy.iter().zip(y).fold(T::zero(), |s, (&g, &p)| s + g * p);
-                for j in 0..width {
-                    dx[j] = scale * y[j] * (dy[j] - dot);
-                }
+    let blocks: Vec<_> = probabilities_grad
+        .chunks(task)
+        .zip(probabilities.chunks(task))
+        .zip(out.chunks_mut(task))
+        .collect();
+    map_blocks(blocks, |((probabilities_grad, probabilities), out)| {
+        for ((dy, y), dx) in probabilities_grad
+            .chunks_exact(width)
+            .zip(probabilities.chunks_exact(width))
+            .zip(out.chunks_exact_mut(width))
+        {
+            let dot = dy.iter().zip(y).fold(T::zero(), |s, (&g, &p)| s + g * p);
+            for j in 0..width {
+                dx[j] = scale * y[j] * (dy[j] - dot);
             }
-        });
+        }
+    });
     out
 }
 
 /// Elements per parallel task of the element-wise kernels: large enough to amortise the hand-off.
 const CHUNK: usize = 8192;
+
+/// `task` applied to each block (slices of a kernel's inputs and outputs), results in block order:
+/// across rayon's threads when there are several threads and several blocks, else in order on this
+/// thread. Rayon hands a call from outside its pool to a pool thread and waits, even for one block
+/// or a one-thread pool: in `fedleak attack`'s concurrent restarts (their own threads, one kernel
+/// thread each) that queued both restarts' kernels on the same pool thread. The blocks are the same
+/// either way, so sums over them are too.
+fn map_blocks<B: Send, R: Send>(blocks: Vec<B>, task: impl Fn(B) -> R + Sync + Send) -> Vec<R> {
+    if blocks.len() > 1 && rayon::current_num_threads() > 1 {
+        blocks.into_par_iter().map(task).collect()
+    } else {
+        blocks.into_iter().map(task).collect()
+    }
+}
 
 /// The exact GELU, u Phi(u), of every element, and Phi(u) for the backward.
 fn gelu_forward<T: Float>(pre: &[T]) -> (Vec<T>, Vec<T>) {
@@ -818,15 +833,17 @@ fn gelu_forward<T: Float>(pre: &[T]) -> (Vec<T>, Vec<T>) {
     let inverse_sqrt2 = T::from_f64(std::f64::consts::FRAC_1_SQRT_2);
     let mut activation = vec![T::zero(); pre.len()];
     let mut cdf = vec![T::zero(); pre.len()];
-    pre.par_chunks(CHUNK)
-        .zip(activation.par_chunks_mut(CHUNK))
-        .zip(cdf.par_chunks_mut(CHUNK))
-        .for_each(|((u, a), c)| {
-            for j in 0..u.len() {
-                c[j] = half * (T::one() + (u[j] * inverse_sqrt2).erf());
-                a[j] = u[j] * c[j];
-            }
-        });
+    let blocks: Vec<_> = pre
+        .chunks(CHUNK)
+        .zip(activation.chunks_mut(CHUNK))
+        .zip(cdf.chunks_mut(CHUNK))
+        .collect();
+    map_blocks(blocks, |((u, a), c)| {
+        for j in 0..u.len() {
+            c[j] = half * (T::one() + (u[j] * inverse_sqrt2).erf());
+            a[j] = u[j] * c[j];
+        }
+    });
     (activation, cdf)
 }
 
@@ -836,15 +853,17 @@ fn gelu_backward<T: Float>(out_grad: &[T], pre: &[T], cdf: &[T]) -> Vec<T> {
     let density_scale =
         T::from_f64(0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
     let mut grad = vec![T::zero(); pre.len()];
-    grad.par_chunks_mut(CHUNK)
-        .zip(out_grad.par_chunks(CHUNK))
-        .zip(pre.par_chunks(CHUNK).zip(cdf.par_chunks(CHUNK)))
-        .for_each(|((g, dy), (u, c))| {
-            for j in 0..g.len() {
-                let density = density_scale * (-(u[j] * u[j]) * half).exp();
-                g[j] = dy[j] * (c[j] + u[j] * density);
-            }
-        });
+    let blocks: Vec<_> = grad
+        .chunks_mut(CHUNK)
+        .zip(out_grad.chunks(CHUNK))
+        .zip(pre.chunks(CHUNK).zip(cdf.chunks(CHUNK)))
+        .collect();
+    map_blocks(blocks, |((g, dy), (u, c))| {
+        for j in 0..g.len() {
+            let density = density_scale * (-(u[j] * u[j]) * half).exp();
+            g[j] = dy[j] * (c[j] + u[j] * density);
+        }
+    });
     grad
 }
 
