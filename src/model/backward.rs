@@ -105,6 +105,8 @@ struct BlockCache<T> {
     value: Tensor,
     attention: Vec<T>,
     merged: Tensor,
+    /// The projections the forward used (the key/value weights concatenated once per pass).
+    projections: Projections,
     mlp: MlpCache<T>,
 }
 
@@ -360,6 +362,7 @@ impl Pass<'_> {
                 value,
                 attention,
                 merged,
+                projections,
                 mlp,
             },
         ))
@@ -513,7 +516,7 @@ impl Pass<'_> {
         let query_grad = merge(query_grad, query_tokens)?;
         let key_value_grad =
             Tensor::cat(&[merge(key_grad, tokens)?, merge(value_grad, tokens)?], 1)?;
-        let projections = self.attention_projections(&prefix)?;
+        let projections = &cache.projections;
         if self.request.parameters {
             let attention_prefix = format!("{prefix}.attention.attention");
             let key_value_weight = key_value_grad.t()?.matmul(&cache.attention_input)?;
