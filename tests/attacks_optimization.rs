@@ -347,6 +347,8 @@ fn a_decaying_prior_gives_way_to_the_gradient_after_the_first_step_decay() {
             // Strong enough to flatten the image while it is on.
             tv_weight: 1.0,
             prior_decay,
+            // The optimiser's own result: the refinement would move it by the gradient, not the prior.
+            patch_refinement: 0.0,
             ..Default::default()
         };
         let AttackOutcome::Reconstructed(result) =

@@ -151,17 +151,8 @@ pub fn invert_patch_embedding(
         DType::F16 => 9.77e-4,
         _ => 7.82e-3,
     };
-    let (patches, condition) = solve_least_squares(columns, dw, k, eps)?;
-
-    let mut image = vec![0f64; c * h * w];
-    for (token, patch) in patches.chunks_exact(k).enumerate() {
-        let (gy, gx) = (token / grid_w, token % grid_w);
-        for (index, &value) in patch.iter().enumerate() {
-            let (ch, rest) = (index / (p * p), index % (p * p));
-            let (row, col) = (gy * p + rest / p, gx * p + rest % p);
-            image[(ch * h + row) * w + col] = value;
-        }
-    }
+    let (patches, condition) = solve_least_squares(columns, dw, k, eps, ATTACK)?;
+    let image = patches_to_images(&patches, input_dims, p);
     Ok(PatchInversion {
         image: Tensor::from_vec(image, (1, c, h, w), weight_grad.device())?,
         bias_residual,
@@ -273,24 +264,65 @@ pub fn reconstruct_april(
     }))
 }
 
+/// The `p x p` patches of images (B x C x H x W, row-major values), one row of `C p p` values per
+/// patch in the patch embedding's order (channel, then row, then column within the patch), patches
+/// row by row over each image's grid, images one after the other.
+pub(crate) fn images_to_patches(
+    images: &[f64],
+    input_dims: (usize, usize, usize),
+    p: usize,
+) -> Vec<f64> {
+    (0..images.len())
+        .map(|slot| images[pixel_of_patch_entry(slot, input_dims, p)])
+        .collect()
+}
+
+/// The inverse of [`images_to_patches`].
+pub(crate) fn patches_to_images(
+    patches: &[f64],
+    input_dims: (usize, usize, usize),
+    p: usize,
+) -> Vec<f64> {
+    let mut images = vec![0f64; patches.len()];
+    for (slot, &value) in patches.iter().enumerate() {
+        images[pixel_of_patch_entry(slot, input_dims, p)] = value;
+    }
+    images
+}
+
+/// Where entry `slot` of the patch rows ([`images_to_patches`]) sits in the images.
+fn pixel_of_patch_entry(slot: usize, input_dims: (usize, usize, usize), p: usize) -> usize {
+    let (c, h, w) = input_dims;
+    let k = c * p * p;
+    let tokens = (h / p) * (w / p);
+    let (row, index) = (slot / k, slot % k);
+    let (image, token) = (row / tokens, row % tokens);
+    let (gy, gx) = (token / (w / p), token % (w / p));
+    let (ch, rest) = (index / (p * p), index % (p * p));
+    let (y, x) = (gy * p + rest / p, gx * p + rest % p);
+    ((image * c + ch) * h + y) * w + x
+}
+
 fn norm(v: &[f64]) -> f64 {
     v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
 /// Least-squares solution `X` (N x K, row-major) of `A X = B`, `A` given by its `N` columns of length
 /// `D` and `B` row-major (D x K), through a Householder QR of `A`; also the condition estimate
-/// `max |R_ii| / min |R_ii|`. Fails when that exceeds `1 / eps` (rank-deficient to working precision).
-fn solve_least_squares(
+/// `max |R_ii| / min |R_ii|`. Fails when that exceeds `1 / eps` (rank-deficient to working precision);
+/// failures name `attack`.
+pub(crate) fn solve_least_squares(
     mut columns: Vec<Vec<f64>>,
     mut rhs: Vec<f64>,
     k: usize,
     eps: f64,
+    attack: &'static str,
 ) -> Result<(Vec<f64>, f64)> {
     let n = columns.len();
     let d = columns.first().map_or(0, Vec::len);
     if n > d {
         return Err(AttackError::Numerical {
-            attack: ATTACK,
+            attack,
             reason: format!("{n} unknown patches but only {d} equations per pixel"),
         });
     }
@@ -301,7 +333,7 @@ fn solve_least_squares(
         let length = norm(head);
         if !(length > 0.0 && length.is_finite()) {
             return Err(AttackError::Numerical {
-                attack: ATTACK,
+                attack,
                 reason: format!(
                     "token gradient {} is zero or not finite after removing the others' span \
                      (norm {length}): the patches are not determined",
@@ -344,7 +376,7 @@ fn solve_least_squares(
     let condition = largest / smallest;
     if condition * eps >= 1.0 {
         return Err(AttackError::Numerical {
-            attack: ATTACK,
+            attack,
             reason: format!(
                 "the token gradients are rank-deficient to working precision (condition estimate \
                  {condition:.3e}, precision {eps:.1e}): the patches are not determined"
@@ -399,7 +431,7 @@ mod tests {
                 }
             }
         }
-        let (got, condition) = solve_least_squares(columns, b, k, f64::EPSILON).unwrap();
+        let (got, condition) = solve_least_squares(columns, b, k, f64::EPSILON, ATTACK).unwrap();
         let err = got
             .iter()
             .zip(&x)
@@ -412,7 +444,7 @@ mod tests {
     fn dependent_columns_are_reported() {
         let a = lcg(6, 1);
         let columns = vec![a.clone(), a.iter().map(|v| 2.0 * v).collect()];
-        let err = solve_least_squares(columns, vec![0.0; 6], 1, f64::EPSILON).unwrap_err();
+        let err = solve_least_squares(columns, vec![0.0; 6], 1, f64::EPSILON, ATTACK).unwrap_err();
         assert!(err.to_string().contains("not determined"), "{err}");
     }
 }

@@ -26,6 +26,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
 use crate::observation::{Observation, UpdateSource};
+use crate::patch_refinement::{
+    refine_patches, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
+};
 use crate::prior::ImagePrior;
 use crate::reconstruction::{AttackOutcome, Reconstruction};
 use crate::{AttackError, Result};
@@ -67,6 +70,9 @@ pub struct InvertingGradientsConfig {
     pub input_gradient: InputGradient,
     /// The matching loss: 1 - cosine (Inverting Gradients) or squared L2 (DLG).
     pub loss: MatchingLoss,
+    /// Ridge of the patch refinement applied to the result of a gradient observation with known
+    /// labels ([`crate::refine_patches`]), relative to the token gradients' energy; 0 switches it off.
+    pub patch_refinement: f64,
 }
 
 /// How the candidate images are optimised.
@@ -154,6 +160,7 @@ impl Default for InvertingGradientsConfig {
             seed: 0,
             input_gradient: InputGradient::ForwardDifference,
             loss: MatchingLoss::Cosine,
+            patch_refinement: SINGLE_IMAGE_PATCH_REFINEMENT,
         }
     }
 }
@@ -208,10 +215,27 @@ impl InvertingGradientsConfig {
         }
     }
 
+    /// Default ridge of the patch refinement for an observation of `images` private images:
+    /// [`SINGLE_IMAGE_PATCH_REFINEMENT`] for one, [`BATCH_PATCH_REFINEMENT`] for a batch (whose
+    /// patches outnumber the equations; the figures are in their docs).
+    ///
+    /// ```
+    /// use fedleak_attacks::{InvertingGradientsConfig, BATCH_PATCH_REFINEMENT};
+    /// assert_eq!(InvertingGradientsConfig::default_patch_refinement(8), BATCH_PATCH_REFINEMENT);
+    /// ```
+    pub fn default_patch_refinement(images: usize) -> f64 {
+        if images > 1 {
+            BATCH_PATCH_REFINEMENT
+        } else {
+            SINGLE_IMAGE_PATCH_REFINEMENT
+        }
+    }
+
     /// The default configuration for an observation of `images` private images: iterations, prior
-    /// decay and input gradient as [`InvertingGradientsConfig::default_iterations`],
-    /// [`InvertingGradientsConfig::default_prior_decay`] and
-    /// [`InvertingGradientsConfig::default_input_gradient`] give them.
+    /// decay, input gradient and patch refinement as [`InvertingGradientsConfig::default_iterations`],
+    /// [`InvertingGradientsConfig::default_prior_decay`],
+    /// [`InvertingGradientsConfig::default_input_gradient`] and
+    /// [`InvertingGradientsConfig::default_patch_refinement`] give them.
     ///
     /// ```
     /// use fedleak_attacks::{InvertingGradientsConfig, BATCH_ITERATIONS};
@@ -224,6 +248,7 @@ impl InvertingGradientsConfig {
             iterations: Self::default_iterations(images),
             prior_decay: Self::default_prior_decay(images),
             input_gradient: Self::default_input_gradient(images),
+            patch_refinement: Self::default_patch_refinement(images),
             ..Self::default()
         }
     }
@@ -267,6 +292,7 @@ impl InvertingGradientsConfig {
             patch_weight: 0.0,
             loss: MatchingLoss::SquaredL2,
             input_gradient: InputGradient::DoubleBackward,
+            patch_refinement: 0.0,
             ..Self::default()
         }
     }
@@ -921,7 +947,9 @@ fn zeros_like_all(like: &[Tensor]) -> Result<Vec<Tensor>> {
 /// backward whatever [`InvertingGradientsConfig::input_gradient`] says).
 ///
 /// Applies to a client update or an aggregate (the batch is then clients x batch size images); not to
-/// features or ciphertexts.
+/// features or ciphertexts. With known labels and an observed gradient (not a delta), the chosen
+/// restart's images are then refined by [`crate::refine_patches`] at
+/// [`InvertingGradientsConfig::patch_refinement`], and the reported objective is the refined images'.
 pub fn invert_gradients(
     observation: &Observation,
     model: &dyn TargetModel,
@@ -1012,14 +1040,30 @@ pub fn invert_gradients(
             }
         }
     }
-    let (objective, best) = best.expect("at least one restart ran");
+    let (mut objective, best) = best.expect("at least one restart ran");
+    let mut images = best.images.clamp(0.0, 1.0)?;
     let labels = match (labels, &best.label_logits) {
-        (Some(labels), _) => labels.to_vec(),
+        (Some(labels), _) => {
+            // The restart is chosen by the matching objective first; the refinement then moves its
+            // images, and the reported objective is that of the refined images.
+            if matches!(source, UpdateSource::Gradient) && config.patch_refinement > 0.0 {
+                if let Some(refined) =
+                    refine_patches(model, update, &images, labels, config.patch_refinement)?
+                {
+                    objective = matcher
+                        .matching(&refined)?
+                        .to_dtype(DType::F64)?
+                        .to_scalar()?;
+                    images = refined;
+                }
+            }
+            labels.to_vec()
+        }
         (None, Some(logits)) => logits.argmax(1)?.to_vec1::<u32>()?,
         (None, None) => unreachable!("joint restarts carry label logits"),
     };
     Ok(AttackOutcome::Reconstructed(Reconstruction {
-        images: best.images.clamp(0.0, 1.0)?.to_dtype(DType::F32)?,
+        images: images.to_dtype(DType::F32)?,
         labels: Some(labels),
         attack: config.loss.attack_id(),
         iterations: config.iterations,

@@ -19,6 +19,7 @@ mod label_counts;
 mod linear;
 mod model;
 mod observation;
+mod patch_refinement;
 mod prior;
 mod reconstruction;
 
@@ -39,6 +40,7 @@ pub use model::{
     TargetModel,
 };
 pub use observation::{Observation, UpdateSource, UpdateView};
+pub use patch_refinement::{refine_patches, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT};
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
 

@@ -82,6 +82,22 @@ pub trait TargetModel: Send + Sync {
         Ok(None)
     }
 
+    /// The gradient of [`TargetModel::loss`] (the batch mean) with respect to every token's input
+    /// embedding (B x T x D: patch embedding plus position, the CLS token first when the layout has
+    /// one), detached. These are the token gradients APRIL reads off a learnable position
+    /// embedding; an attacker computes them at candidate images, whatever the position encoding.
+    /// `Ok(None)` (the default) when the model does not expose them: attacks that need them then
+    /// skip the step that does.
+    fn token_gradients(
+        &self,
+        params: &ParamMap,
+        images: &Tensor,
+        targets: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let _ = (params, images, targets);
+        Ok(None)
+    }
+
     /// Input shape (channels, height, width).
     fn input_dims(&self) -> (usize, usize, usize);
 

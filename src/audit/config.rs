@@ -51,6 +51,9 @@ pub struct AttackSettings {
     /// Inverting Gradients: factor on the image prior at each step decay, in [0, 1]; unset, the
     /// attack's default for the observation (0.1 for one image, 1 for a batch or an aggregate).
     pub prior_decay: Option<f64>,
+    /// Inverting Gradients: ridge of the patch refinement of its result (`>= 0`, 0 switches it off);
+    /// unset, the attack's default for the observation (3e-6 for one image, 1e-4 for a batch).
+    pub patch_refinement: Option<f64>,
     /// Precision in which the attacker simulates the updates (`"f32"` or `"f64"`).
     pub precision: AttackPrecision,
     /// Label counts (batches, aggregates): the attacker holds the data's held-out (test) split as
@@ -68,6 +71,7 @@ impl Default for AttackSettings {
             restarts: 1,
             tv_weight: fedleak_attacks::InvertingGradientsConfig::default().tv_weight,
             prior_decay: None,
+            patch_refinement: None,
             precision: AttackPrecision::F32,
             label_reference: false,
         }
@@ -182,6 +186,17 @@ impl AuditConfig {
                 "attack.prior_decay",
                 &format!("{decay} is not in [0, 1]"),
                 "e.g. prior_decay = 0.1 (the prior gives way), or 1 (constant); leave it out for the default",
+            ));
+        }
+        if let Some(ridge) = self
+            .attack
+            .patch_refinement
+            .filter(|r| !(*r >= 0.0 && r.is_finite()))
+        {
+            return Err(bad(
+                "attack.patch_refinement",
+                &format!("{ridge} is not a finite ridge >= 0"),
+                "e.g. patch_refinement = 3e-6, or 0 to switch the refinement off; leave it out for the default",
             ));
         }
         if !(self.attack.tv_weight >= 0.0 && self.attack.tv_weight.is_finite()) {

@@ -376,6 +376,10 @@ fn run_attack(
                 InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight,
                     prior_decay: config.attack.prior_decay.unwrap_or(defaults.prior_decay),
+                    patch_refinement: config
+                        .attack
+                        .patch_refinement
+                        .unwrap_or(defaults.patch_refinement),
                     ..defaults
                 }
             };

@@ -106,6 +106,12 @@ pub struct AttackArgs {
     /// Weight of GradViT's patch-border prior (0 switches it off).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().patch_weight, value_parser = non_negative_weight)]
     pub patch_weight: f64,
+    /// Ridge of the patch refinement of Inverting Gradients' result (APRIL's linear system for the
+    /// patches with token gradients estimated at the result, regularised towards it), relative to the
+    /// token gradients' energy; gradients with known labels only; 0 switches it off [default: 3e-6 for
+    /// one image, 1e-4 for a batch or an aggregate, whose patches outnumber the equations].
+    #[arg(long, value_parser = non_negative_weight)]
+    pub patch_refinement: Option<f64>,
     /// Factor applied to the prior weights at each step decay of signed Adam (1: constant prior)
     /// [default: 0.1 for one image, 1 for a batch or an aggregate, which need the prior to the end].
     #[arg(long, value_parser = unit_interval)]
@@ -347,6 +353,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             tv_weight: args.tv_weight,
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
+            patch_refinement: args.patch_refinement.unwrap_or(defaults.patch_refinement),
             optimizer,
             input_gradient,
             ..defaults

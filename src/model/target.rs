@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 use fedleak_attacks::{
     ClassifierLayout, GradientRequest, LossGradients, ParamMap, PatchEmbeddingLayout, TargetModel,
@@ -13,7 +13,10 @@ use super::backward::loss_gradients;
 use super::checkpoint::Checkpoint;
 use super::config::{PositionEmbeddingKind, VitConfig};
 use super::layers::cross_entropy;
-use super::vit::Vit;
+use super::vit::{sincos_position_embedding, Vit};
+
+/// The position embedding's parameter name (Hugging Face's).
+const POSITION_EMBEDDING: &str = "vit.embeddings.position_embeddings";
 
 /// A ViT and the global parameters an attacker knows (those the server broadcast).
 #[derive(Debug, Clone)]
@@ -47,20 +50,26 @@ impl VitTarget {
 
     /// The ViT over the given parameters.
     pub fn model(&self, params: &ParamMap) -> fedleak_attacks::Result<Vit> {
-        let map: HashMap<String, Tensor> = params.clone().into_iter().collect();
-        let (dtype, device) = params
-            .values()
-            .next()
-            .map(|t| (t.dtype(), t.device().clone()))
-            .ok_or_else(|| fedleak_attacks::AttackError::Observation {
-                name: "parameters".into(),
-                reason: "the model has no parameters".into(),
-            })?;
-        Ok(Vit::new(
-            &self.config,
-            VarBuilder::from_tensors(map, dtype, &device),
-        )?)
+        build_vit(&self.config, params)
     }
+}
+
+/// The ViT of `config` over `params` (a learnable position embedding among them when the
+/// configuration says so).
+fn build_vit(config: &VitConfig, params: &ParamMap) -> fedleak_attacks::Result<Vit> {
+    let map: HashMap<String, Tensor> = params.clone().into_iter().collect();
+    let (dtype, device) = params
+        .values()
+        .next()
+        .map(|t| (t.dtype(), t.device().clone()))
+        .ok_or_else(|| fedleak_attacks::AttackError::Observation {
+            name: "parameters".into(),
+            reason: "the model has no parameters".into(),
+        })?;
+    Ok(Vit::new(
+        config,
+        VarBuilder::from_tensors(map, dtype, &device),
+    )?)
 }
 
 impl TargetModel for VitTarget {
@@ -97,6 +106,53 @@ impl TargetModel for VitTarget {
         )?)
     }
 
+    /// The position embedding enters every token's input once, additively, so its gradient for one
+    /// image is exactly that image's token gradients. A fixed sin-cos table is made a variable for
+    /// the pass (the same values, so the same forward); each image is differentiated on its own (a
+    /// ViT has no interaction between the images of a batch) and scaled by 1 / B, the batch mean's
+    /// share.
+    fn token_gradients(
+        &self,
+        params: &ParamMap,
+        images: &Tensor,
+        targets: &Tensor,
+    ) -> fedleak_attacks::Result<Option<Tensor>> {
+        let mut config = self.config.clone();
+        let table = match config.position_embedding {
+            PositionEmbeddingKind::Learnable => params
+                .get(POSITION_EMBEDDING)
+                .cloned()
+                .ok_or_else(|| fedleak_attacks::AttackError::Observation {
+                    name: POSITION_EMBEDDING.into(),
+                    reason: "the learnable position embedding is missing from the parameters"
+                        .into(),
+                })?,
+            PositionEmbeddingKind::Sincos => {
+                sincos_position_embedding(&config, images.dtype(), images.device())?
+            }
+        };
+        config.position_embedding = PositionEmbeddingKind::Learnable;
+        let batch = images.dim(0)?;
+        let mut per_image = Vec::with_capacity(batch);
+        for index in 0..batch {
+            let position = Var::from_tensor(&table)?;
+            let mut with_position = params.clone();
+            with_position.insert(POSITION_EMBEDDING.into(), position.as_tensor().clone());
+            let logits =
+                build_vit(&config, &with_position)?.forward(&images.narrow(0, index, 1)?)?;
+            let loss = cross_entropy(&logits, &targets.narrow(0, index, 1)?)?;
+            let gradients = loss.backward()?;
+            let tokens = gradients.get(position.as_tensor()).ok_or_else(|| {
+                fedleak_attacks::AttackError::Numerical {
+                    attack: "token-gradients",
+                    reason: "the loss does not depend on the position embedding".into(),
+                }
+            })?;
+            per_image.push((tokens.squeeze(0)? / batch as f64)?);
+        }
+        Ok(Some(Tensor::stack(&per_image, 0)?))
+    }
+
     fn input_dims(&self) -> (usize, usize, usize) {
         (
             self.config.num_channels,
@@ -114,9 +170,7 @@ impl TargetModel for VitTarget {
             weight: "vit.embeddings.patch_embeddings.projection.weight".into(),
             bias: "vit.embeddings.patch_embeddings.projection.bias".into(),
             position_embedding: match self.config.position_embedding {
-                PositionEmbeddingKind::Learnable => {
-                    Some("vit.embeddings.position_embeddings".into())
-                }
+                PositionEmbeddingKind::Learnable => Some(POSITION_EMBEDDING.into()),
                 PositionEmbeddingKind::Sincos => None,
             },
             patch_size: self.config.patch_size,
