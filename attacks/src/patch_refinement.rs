@@ -14,15 +14,20 @@
 //!
 //! the well-determined directions move to what the observed gradient says and the ill-determined ones
 //! stay where the optimisation put them. `s`, the least-squares scale of `dW` on `G'^T X'`, absorbs a
-//! scaled update (a clipped gradient). Measured on eight sin-cos IHC tiles (tiny ViT, FedSGD batch 1,
-//! the Inverting Gradients results): every tile gained, +0.3 to +0.8 dB, mean 21.73 -> 22.25 dB at
-//! `ridge` 3e-6 (figures in [`SINGLE_IMAGE_PATCH_REFINEMENT`]'s docs; a batch needs more,
-//! [`BATCH_PATCH_REFINEMENT`]). It is one step: repeating it (token
-//! gradients re-estimated at the refined images) lowered the residual of `dW` further but drifted away
-//! from the private image (22.01 -> 21.36 dB over five steps on one tile), and the refined images
-//! match the *whole* observed gradient less well than the candidates (the optimisation's objective
-//! rises 2-4x) although they are closer to the private images: the step is applied as a fixed part of
-//! the attack, never chosen by that objective or by the ground truth.
+//! scaled update (a clipped gradient).
+//!
+//! Inverting Gradients ([`crate::invert_gradients`]) refines at each of signed Adam's step decays and
+//! its final result, keeping a refinement only when it raises the matching objective at most
+//! [`crate::MAX_REFINEMENT_RISE`]-fold (the refined images are closer to the private ones but match
+//! the *whole* observed gradient somewhat less well; far from the images, the estimated token
+//! gradients are wrong and the objective rises by orders of magnitude). Never chosen by ground truth.
+//! Measured on eight sin-cos IHC tiles (tiny ViT, FedSGD batch 1, 400 iterations, 2 restarts): 21.73
+//! dB / SSIM 0.379 without, 22.27 / 0.425 refining the result only (every tile gained, +0.3 to +0.8
+//! dB), 22.58 / 0.451 refining at the step decays too; on eight other tiles of the same captures
+//! 25.13 / 0.516, 25.84 / 0.563 and 26.23 / 0.583. One solve after another without optimisation in
+//! between does not help: token gradients re-estimated at the refined images lowered the residual of
+//! `dW` further but drifted away from the private image (22.01 -> 21.36 dB over five solves on one
+//! tile).
 
 use candle_core::Tensor;
 
@@ -35,17 +40,18 @@ use crate::{AttackError, Result};
 const ATTACK: &str = "patch-refinement";
 
 /// The default ridge for one image, relative to the squared Frobenius norm of the estimated token
-/// gradients. On the eight sin-cos IHC tiles' Inverting Gradients results (tiny ViT, batch 1), tiles 1
-/// 2 4 8: 1e-6 gave 21.71 / 22.32 / 23.57 / 22.43 dB, 3e-6 22.00 / 22.52 / 23.73 / 22.51, 1e-5 21.98 /
-/// 22.54 / 23.56 / 22.31, 3e-5 21.86 / 22.50 / 23.37 / 22.11 (from 21.56 / 22.24 / 22.97 / 21.69
-/// unrefined).
+/// gradients. On the eight sin-cos IHC tiles' Inverting Gradients results (tiny ViT, batch 1, read
+/// back from their 8-bit PNGs), tiles 1 2 4 8: 1e-6 gave 21.71 / 22.32 / 23.57 / 22.43 dB, 3e-6
+/// 22.00 / 22.52 / 23.73 / 22.51, 1e-5 21.98 / 22.54 / 23.56 / 22.31, 3e-5 21.86 / 22.50 / 23.37 /
+/// 22.11 (from 21.56 / 22.24 / 22.97 / 21.69 unrefined).
 pub const SINGLE_IMAGE_PATCH_REFINEMENT: f64 = 3e-6;
 
 /// The default ridge for a batch. Eight images of 64 patches are 512 unknown patch rows against 192
 /// equations per pixel of a patch: the system is underdetermined and needs more of the candidates. On
-/// the two batch-8 sin-cos IHC captures' Inverting Gradients results (2000 iterations; client 0 /
-/// client 1, 18.59 / 16.27 dB unrefined): 3e-6 gave 14.59 / 16.07 dB, 1e-5 17.81 / 16.26, 3e-5 19.50
-/// / 16.36, 1e-4 20.29 / 16.39, 3e-4 20.19 / 16.35, 1e-3 19.48 / 16.31.
+/// the two batch-8 sin-cos IHC captures' Inverting Gradients results (2000 iterations, read back from
+/// their 8-bit PNGs; client 0 / client 1, 18.59 / 16.27 dB unrefined): 3e-6 gave 14.59 / 16.07 dB,
+/// 1e-5 17.81 / 16.26, 3e-5 19.50 / 16.36, 1e-4 20.29 / 16.39, 3e-4 20.19 / 16.35, 1e-3 19.48 /
+/// 16.31.
 pub const BATCH_PATCH_REFINEMENT: f64 = 1e-4;
 
 /// Below this cosine between the observed patch-embedding gradient and the one the candidates' token
