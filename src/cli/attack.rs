@@ -81,7 +81,7 @@ pub struct AttackArgs {
     /// The attack.
     #[arg(long, value_enum, default_value_t = AttackArg::Auto)]
     pub attack: AttackArg,
-    /// Optimisation iterations per restart [default: 400 for one image, 2000 for a batch or an
+    /// Optimisation iterations per restart [default: 400 for one image, 3000 for a batch or an
     /// aggregate, which keep improving longer].
     #[arg(long, value_parser = at_least_one)]
     pub iterations: Option<usize>,
