@@ -133,13 +133,13 @@ impl TargetModel for VitTarget {
         };
         config.position_embedding = PositionEmbeddingKind::Learnable;
         let batch = images.dim(0)?;
+        let position = Var::from_tensor(&table)?;
+        let mut with_position = params.clone();
+        with_position.insert(POSITION_EMBEDDING.into(), position.as_tensor().clone());
+        let model = build_vit(&config, &with_position)?;
         let mut per_image = Vec::with_capacity(batch);
         for index in 0..batch {
-            let position = Var::from_tensor(&table)?;
-            let mut with_position = params.clone();
-            with_position.insert(POSITION_EMBEDDING.into(), position.as_tensor().clone());
-            let logits =
-                build_vit(&config, &with_position)?.forward(&images.narrow(0, index, 1)?)?;
+            let logits = model.forward(&images.narrow(0, index, 1)?)?;
             let loss = cross_entropy(&logits, &targets.narrow(0, index, 1)?)?;
             let gradients = loss.backward()?;
             let tokens = gradients.get(position.as_tensor()).ok_or_else(|| {
