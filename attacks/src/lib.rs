@@ -41,7 +41,10 @@ pub use model::{
     TargetModel,
 };
 pub use observation::{Observation, UpdateSource, UpdateView};
-pub use patch_refinement::{refine_patches, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT};
+pub use patch_refinement::{
+    refine_patches, refine_patches_after_steps, BATCH_PATCH_REFINEMENT,
+    SINGLE_IMAGE_PATCH_REFINEMENT,
+};
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
 

@@ -28,6 +28,14 @@
 //! between does not help: token gradients re-estimated at the refined images lowered the residual of
 //! `dW` further but drifted away from the private image (22.01 -> 21.36 dB over five solves on one
 //! tile).
+//!
+//! A FedAvg client's plain-SGD delta of `S` local steps on its images is `-lr sum_s G_s^T X` in the
+//! patch embedding's weight: still linear in `X`, with `G_s` the token gradients of step `s`
+//! ([`refine_patches_after_steps`]; the attacker unrolls the steps at its candidates to estimate
+//! them). Measured 2026-12-03 (tiny ViT, sin-cos, FedAvg with 4 local steps of plain SGD on one IHC
+//! tile per client, `fedleak attack --attack auto`, 400 iterations, 2 restarts): clients 1 2 4 8
+//! 22.06 dB / SSIM 0.367 without, 22.80 / 0.448 with it (21.86 -> 21.45, 21.96 -> 22.46, 23.09 ->
+//! 23.99, 21.32 -> 23.28); clients 0 3 5 6 24.91 / 0.513 -> 25.95 / 0.562, each of them higher.
 
 use candle_core::Tensor;
 
@@ -76,6 +84,28 @@ pub fn refine_patches(
     labels: &[u32],
     ridge: f64,
 ) -> Result<Option<Tensor>> {
+    let global = std::slice::from_ref(model.parameters());
+    refine_patches_after_steps(model, update, global, None, images, labels, ridge)
+}
+
+/// [`refine_patches`] for the weight delta of SGD steps on the private images (FedAvg with plain SGD):
+/// `step_parameters` are the parameters each local step took its gradient at (the global ones first;
+/// the attacker computes the others by unrolling the steps at the candidates) and `lr` the client's
+/// learning rate, so the patch embedding's delta is `-lr sum_s G_s^T X`, still linear in the patches
+/// `X`, with `G_s` the token gradients of step `s` estimated at the candidates. Without `lr`, `update`
+/// is the gradient at the (one) parameter set given, as [`refine_patches`] reads it.
+///
+/// # Errors
+/// As [`refine_patches`].
+pub fn refine_patches_after_steps(
+    model: &dyn TargetModel,
+    update: &ParamMap,
+    step_parameters: &[ParamMap],
+    lr: Option<f64>,
+    images: &Tensor,
+    labels: &[u32],
+    ridge: f64,
+) -> Result<Option<Tensor>> {
     let Some(layout) = model.patch_embedding() else {
         return Ok(None);
     };
@@ -86,9 +116,21 @@ pub fn refine_patches(
     }
     let batch = images.dim(0)?;
     let targets = one_hot(labels, model.num_classes(), images.dtype(), images.device())?;
-    let Some(tokens) = model.token_gradients(model.parameters(), images, &targets)? else {
+    // The token gradients of every step, summed: the delta is -lr times their sum's product with X.
+    let mut summed: Option<Tensor> = None;
+    for parameters in step_parameters {
+        let Some(tokens) = model.token_gradients(parameters, images, &targets)? else {
+            return Ok(None);
+        };
+        summed = Some(match summed {
+            Some(sum) => (sum + tokens)?,
+            None => tokens,
+        });
+    }
+    let Some(tokens) = summed else {
         return Ok(None);
     };
+    let factor = lr.map_or(1.0, |lr| -lr);
     let k = c * p * p;
     let n = (h / p) * (w / p);
     let cls = usize::from(layout.has_cls_token);
@@ -115,6 +157,7 @@ pub fn refine_patches(
         });
     }
     // The patch tokens' gradients, one per unknown patch row, images one after the other.
+    let tokens: Vec<f64> = tokens.into_iter().map(|v| v * factor).collect();
     let gradients: Vec<&[f64]> = tokens
         .chunks_exact((n + cls) * d)
         .flat_map(|image| image[cls * d..].chunks_exact(d))
