@@ -182,14 +182,69 @@ fn april_recovers_a_real_ihc_tile_through_vit_tiny_in_f32() {
     assert!(psnr_delta >= 80.0, "APRIL on the delta: {psnr_delta} dB");
     assert_eq!(r.labels, Some(vec![label]));
 
-    // Two local steps sum gradients at different parameters: refused with the reason.
+    // Three local steps on the image: each step's token gradients differ, the patches do not, so
+    // the summed system is exact again.
+    let labels = [label];
+    let (_, delta) = sgd_steps(&target, &[(&image, &labels[..]); 3], lr);
     let observation = Observation::ClientUpdate {
-        update: gradient,
-        source: UpdateSource::SgdDelta { lr, local_steps: 2 },
+        update: delta,
+        source: UpdateSource::SgdDelta { lr, local_steps: 3 },
+        batch_size: 1,
+    };
+    let r = reconstruction(reconstruct_april(&observation, &target).unwrap());
+    let psnr_steps = psnr_db(data.image(index), &f32_values(&r.images), dims).unwrap();
+    println!("april f32 vit-tiny-32 from a 3-step SGD delta: psnr {psnr_steps:.1} dB");
+    assert!(
+        psnr_steps >= 60.0,
+        "APRIL on the 3-step delta: {psnr_steps} dB"
+    );
+    assert_eq!(r.labels, Some(vec![label]));
+
+    // Steps on two different images: no one image explains the delta; refused with the reason.
+    let other = batch(&data, &[index + 1], DType::F32);
+    let other_labels = [data.labels[index + 1]];
+    let steps = [
+        (&image, &labels[..]),
+        (&other, &other_labels[..]),
+        (&image, &labels[..]),
+    ];
+    let (_, mixed) = sgd_steps(&target, &steps, lr);
+    let observation = Observation::ClientUpdate {
+        update: mixed,
+        source: UpdateSource::SgdDelta { lr, local_steps: 3 },
         batch_size: 1,
     };
     let reason = not_applicable_reason(reconstruct_april(&observation, &target).unwrap());
-    assert!(reason.contains("2-step delta"), "{reason}");
+    assert!(reason.contains("not one image's"), "{reason}");
+}
+
+/// Plain-SGD steps at learning rate `lr` from the model's parameters, step `s` on the images and
+/// labels `steps[s]`: the parameters each step took its gradient at, and the delta.
+fn sgd_steps(
+    target: &VitTarget,
+    steps: &[(&Tensor, &[u32])],
+    lr: f64,
+) -> (Vec<ParamMap>, ParamMap) {
+    let mut step_parameters = Vec::new();
+    let mut current = target.parameters().clone();
+    for (images, labels) in steps {
+        let gradient = gradient_at(target, &current, images, labels);
+        step_parameters.push(current.clone());
+        current = current
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.clone(),
+                    (value - (&gradient[name] * lr).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+    }
+    let delta = current
+        .iter()
+        .map(|(name, value)| (name.clone(), (value - &target.parameters()[name]).unwrap()))
+        .collect();
+    (step_parameters, delta)
 }
 
 #[test]
@@ -767,25 +822,7 @@ fn patch_refinement_of_a_multi_step_sgd_delta_keeps_the_private_image_and_moves_
     let images = batch(&data, &indices, DType::F64);
     // The client's three plain-SGD steps on its image, and the delta it sends.
     let (lr, steps) = (0.05, 3);
-    let mut step_parameters = Vec::new();
-    let mut current = model.parameters().clone();
-    for _ in 0..steps {
-        let gradient = gradient_at(&model, &current, &images, &labels);
-        step_parameters.push(current.clone());
-        current = current
-            .iter()
-            .map(|(name, value)| {
-                (
-                    name.clone(),
-                    (value - (&gradient[name] * lr).unwrap()).unwrap(),
-                )
-            })
-            .collect();
-    }
-    let delta: ParamMap = current
-        .iter()
-        .map(|(name, value)| (name.clone(), (value - &model.parameters()[name]).unwrap()))
-        .collect();
+    let (step_parameters, delta) = sgd_steps(&model, &[(&images, &labels[..]); 3], lr);
     let ridge = SINGLE_IMAGE_PATCH_REFINEMENT;
 
     // With the steps' true parameters the delta is explained exactly: the image stays.

@@ -23,7 +23,10 @@ mod patch_refinement;
 mod prior;
 mod reconstruction;
 
-pub use april::{invert_patch_embedding, reconstruct_april, PatchInversion};
+pub use april::{
+    invert_patch_embedding, reconstruct_april, PatchInversion, MAX_MULTI_STEP_RANGE_EXCESS,
+    MAX_MULTI_STEP_WEIGHT_RESIDUAL,
+};
 pub use error::{AttackError, Result};
 pub use feature_inversion::{
     invert_features, random_images, FeatureInversionConfig, FeatureLoss, FeatureMatcher,
