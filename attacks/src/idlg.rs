@@ -150,7 +150,9 @@ pub fn infer_label_idlg(
     // A delta points against the gradient.
     let bias_grad = match source {
         UpdateSource::Gradient => observed.clone(),
-        UpdateSource::SgdDelta { .. } | UpdateSource::OtherDelta { .. } => observed.neg()?,
+        UpdateSource::SgdDelta { .. }
+        | UpdateSource::MomentumSgdDelta { .. }
+        | UpdateSource::OtherDelta { .. } => observed.neg()?,
     };
     let label = infer_label_from_bias_gradient(&bias_grad)?;
     let db = tensor_to_f64(&bias_grad)?;

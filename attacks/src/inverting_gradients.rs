@@ -1054,7 +1054,9 @@ pub fn invert_gradients(
         ));
     }
     let unroll = match source {
-        UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => None,
+        UpdateSource::Gradient
+        | UpdateSource::MomentumSgdDelta { .. }
+        | UpdateSource::OtherDelta { .. } => None,
         UpdateSource::SgdDelta { lr, local_steps } => Some((*lr, *local_steps)),
     };
     let started = Instant::now();

@@ -114,8 +114,10 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// Applies to one client's update (`batch_size` images) or an aggregate of `clients` updates
 /// (`clients * batch_size` images): a FedSGD gradient, or a plain-SGD delta, read as the gradient
 /// `-delta / (lr * local_steps)` (exact for one step; for several steps on the same batch it is the
-/// mean of gradients at drifting parameters, an approximation). Not applicable to adaptive-optimizer
-/// deltas (their per-entry rescaling loses the magnitudes), features or ciphertext. The objective is
+/// mean of gradients at drifting parameters, an approximation), or a momentum-SGD delta, read as the
+/// weighted mean `-delta / (lr * sum_s c_s)` ([`UpdateSource::momentum_step_weight`]). Not
+/// applicable to adaptive-optimizer deltas (their per-entry rescaling loses the magnitudes),
+/// features or ciphertext. The objective is
 /// `sum_c |raw_c - n_c| / B`, how far the raw estimates were from the integer counts returned.
 ///
 /// With `reference` images the batch's mean softmax is estimated class by class from them (see the
@@ -168,6 +170,17 @@ pub fn count_labels(
                 ));
             }
             -1.0 / (lr * steps)
+        }
+        UpdateSource::MomentumSgdDelta { lr, momentum, .. } => {
+            match source.momentum_step_weight() {
+                Some(weight) if lr.is_finite() && *lr > 0.0 && weight > 0.0 => -1.0 / (lr * weight),
+                _ => {
+                    return not_applicable(format!(
+                        "a momentum-SGD delta at learning rate {lr} and momentum {momentum} cannot \
+                         be read as a gradient"
+                    ))
+                }
+            }
         }
         UpdateSource::OtherDelta { .. } => {
             return not_applicable(

@@ -107,8 +107,11 @@ pub fn recover_classifier_input(
                 ));
             }
             match source {
-                UpdateSource::Gradient | UpdateSource::SgdDelta { local_steps: 1, .. } => update,
-                UpdateSource::SgdDelta { local_steps, .. } => {
+                UpdateSource::Gradient
+                | UpdateSource::SgdDelta { local_steps: 1, .. }
+                | UpdateSource::MomentumSgdDelta { local_steps: 1, .. } => update,
+                UpdateSource::SgdDelta { local_steps, .. }
+                | UpdateSource::MomentumSgdDelta { local_steps, .. } => {
                     return not_applicable(format!(
                         "a {local_steps}-step delta sums gradients taken at different parameters; \
                          it is not rank one"

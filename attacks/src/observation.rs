@@ -17,7 +17,19 @@ pub enum UpdateSource {
         /// Number of local steps.
         local_steps: usize,
     },
-    /// A weight delta from an optimizer the attack cannot unroll exactly (AdamW, momentum); attacks treat
+    /// theta_local - theta_global after `local_steps` steps of SGD with heavy-ball momentum (`v =
+    /// momentum v + g`, `theta -= lr v`, from a zero velocity, no weight decay): `-lr sum_s c_s g_s`
+    /// with `c_s = sum_{t = s}^{S-1} momentum^(t - s)`, the same combination of the steps' gradients
+    /// in every parameter. Attacks that need a gradient read it as the weighted mean of the steps'.
+    MomentumSgdDelta {
+        /// Learning rate of the local SGD.
+        lr: f64,
+        /// Heavy-ball momentum, in [0, 1).
+        momentum: f64,
+        /// Number of local steps.
+        local_steps: usize,
+    },
+    /// A weight delta from an optimizer the attack cannot unroll exactly (AdamW); attacks treat
     /// -delta as proportional to the summed gradients.
     OtherDelta {
         /// Learning rate of the local optimizer.
@@ -73,13 +85,46 @@ pub struct UpdateView<'a> {
     pub images: usize,
 }
 
+impl UpdateSource {
+    /// For a momentum-SGD delta, the sum over its steps of the weights `c_s` of their gradients (see
+    /// [`UpdateSource::MomentumSgdDelta`]): `-delta / (lr * this)` is the weighted mean gradient.
+    /// `None` for other sources or a momentum outside [0, 1).
+    ///
+    /// ```
+    /// use fedleak_attacks::UpdateSource;
+    /// // Two steps at momentum 0.5: v1 = g1, v2 = 0.5 g1 + g2, delta = -lr (1.5 g1 + g2).
+    /// let source = UpdateSource::MomentumSgdDelta { lr: 0.1, momentum: 0.5, local_steps: 2 };
+    /// assert_eq!(source.momentum_step_weight(), Some(2.5));
+    /// ```
+    pub fn momentum_step_weight(&self) -> Option<f64> {
+        match self {
+            UpdateSource::MomentumSgdDelta {
+                momentum,
+                local_steps,
+                ..
+            } if (0.0..1.0).contains(momentum) => Some(
+                (0..*local_steps)
+                    .map(|s| {
+                        (0..*local_steps - s)
+                            .map(|k| momentum.powi(k as i32))
+                            .sum::<f64>()
+                    })
+                    .sum(),
+            ),
+            _ => None,
+        }
+    }
+}
+
 impl UpdateView<'_> {
     /// Local SGD steps an attack unrolls to simulate this update (1 for a gradient, or for a delta
     /// it cannot unroll and matches as a gradient).
     pub fn unrolled_steps(&self) -> usize {
         match self.source {
             UpdateSource::SgdDelta { local_steps, .. } => (*local_steps).max(1),
-            UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => 1,
+            UpdateSource::Gradient
+            | UpdateSource::MomentumSgdDelta { .. }
+            | UpdateSource::OtherDelta { .. } => 1,
         }
     }
 }

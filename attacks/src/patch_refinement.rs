@@ -71,8 +71,8 @@ const MIN_EXPLAINED_COSINE: f64 = 0.99;
 /// private batch (see the module docs). `ridge` is the regularisation relative to the token
 /// gradients' energy. Returns the refined images (same dtype, clamped to [0, 1]), or `None` when the
 /// step does not apply: no patch embedding, no token gradients from the model, zero token gradients,
-/// or candidates whose token gradients explain less than [`MIN_EXPLAINED_COSINE`] of the observed
-/// patch-embedding gradient.
+/// or candidates whose token gradients explain less than cosine 0.99 of the observed patch-embedding
+/// gradient.
 ///
 /// # Errors
 /// [`AttackError::Observation`] when the update lacks the patch-embedding weight or its shape does

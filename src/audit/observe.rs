@@ -67,6 +67,13 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
                 local_steps: meta.local_steps,
             }
         }
+        UpdateKind::WeightDelta if meta.optimizer == OptimizerKind::Sgd => {
+            UpdateSource::MomentumSgdDelta {
+                lr: meta.lr,
+                momentum: meta.momentum,
+                local_steps: meta.local_steps,
+            }
+        }
         UpdateKind::WeightDelta => UpdateSource::OtherDelta {
             lr: meta.lr,
             local_steps: meta.local_steps,

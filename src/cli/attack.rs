@@ -29,8 +29,8 @@ use super::{
 pub enum AttackArg {
     /// The strongest applicable attack: the APRIL closed form when it applies, else Inverting Gradients.
     Auto,
-    /// The APRIL-style closed form (batch 1, learnable position embedding; a gradient or a plain-SGD
-    /// delta of any number of local steps on the one image).
+    /// The APRIL-style closed form (batch 1, learnable position embedding; a gradient or a plain- or
+    /// momentum-SGD delta of any number of local steps on the one image).
     April,
     /// Inverting Gradients (optimisation, second-order autograd).
     Ig,
