@@ -11,7 +11,10 @@
 //!
 //! For a FedAvg weight delta from local SGD, the client's local steps are unrolled with the known
 //! learning rate (as Inverting Gradients does) and the simulated delta is matched instead; its input
-//! gradient comes from an adjoint sweep back through the steps.
+//! gradient comes from an adjoint sweep back through the steps. With heavy-ball momentum the
+//! velocity is unrolled as well and its adjoint carried back (FedAvg with 4 local steps at momentum
+//! 0.9, sin-cos IHC tiles, 2026-12-03: 5.56 dB when such a delta was matched as one gradient, 22.19
+//! dB / SSIM 0.367 unrolled).
 //!
 //! Labels are given (iDLG, label counts) or, as in the original DLG, optimised jointly with the images.
 //!
@@ -146,7 +149,7 @@ pub enum InputGradient {
     /// the last two. For a FedAvg delta of S local steps, an adjoint sweep back through the unrolled
     /// steps, each step's input and parameter Hessian-vector products from the same two passes: 3S
     /// first-order passes. Checked against the exact double backward in tests (cosine >= 0.999 in
-    /// f64, for a gradient and for an unrolled delta).
+    /// f64, for a gradient and for an unrolled plain- or momentum-SGD delta).
     CentralDifference,
     /// As [`InputGradient::CentralDifference`], but one-sided: grad_x = (grad_x L(x, theta + eps u) -
     /// grad_x L(x, theta)) / eps, where the second term comes from the pass that simulates the
@@ -333,6 +336,8 @@ pub struct GradientMatcher<'a> {
     observed: &'a ParamMap,
     /// `None`: match a gradient. `Some((lr, steps))`: unroll `steps` SGD steps and match the delta.
     unroll: Option<(f64, usize)>,
+    /// Heavy-ball momentum of the unrolled steps (0: plain SGD; [`GradientMatcher::with_momentum`]).
+    momentum: f64,
     names: Vec<String>,
     observed_norms: Vec<f64>,
     /// Norm of the global values of the observed parameters (the finite differences' step scale):
@@ -445,6 +450,7 @@ impl<'a> GradientMatcher<'a> {
             input_gradient,
             loss: MatchingLoss::Cosine,
             refinement: None,
+            momentum: 0.0,
         })
     }
 
@@ -456,6 +462,14 @@ impl<'a> GradientMatcher<'a> {
         self
     }
 
+    /// The same matcher unrolling SGD steps with heavy-ball `momentum` (`v = momentum v + g`, `theta
+    /// -= lr v`, from a zero velocity), for a momentum-SGD delta. The patch refinement does not apply
+    /// to such deltas (its steps' token gradients would need the momentum weights).
+    pub fn with_momentum(mut self, momentum: f64) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
     /// Candidate images (B x C x H x W) after the patch refinement, with their matching objective;
     /// `None` when the matcher has none, when it does not apply to them, or when it raises the
     /// matching objective more than [`MAX_REFINEMENT_RISE`]-fold (candidates too far from the private
@@ -464,6 +478,9 @@ impl<'a> GradientMatcher<'a> {
         let Some((ridge, labels)) = &self.refinement else {
             return Ok(None);
         };
+        if self.momentum != 0.0 {
+            return Ok(None);
+        }
         // Where the client took its gradients: the global parameters, then for a delta each local
         // step's, unrolled at the candidates.
         let base = self.model.parameters();
@@ -533,6 +550,7 @@ impl<'a> GradientMatcher<'a> {
                 // theta_{s+1} = theta_s - lr * grad L(x', theta_s). A zero variable added at each step
                 // makes candle keep the gradient with respect to the intermediate parameters.
                 let mut current: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+                let mut velocity: Option<Vec<Tensor>> = None;
                 for _ in 0..steps {
                     let probes: Vec<Var> = current
                         .iter()
@@ -547,14 +565,21 @@ impl<'a> GradientMatcher<'a> {
                         .model
                         .loss(&self.params_with(&shifted), images, soft_labels)?;
                     let grads = loss.backward()?;
-                    current = current
+                    let gradient: Vec<Tensor> = current
                         .iter()
                         .zip(&probes)
                         .map(|(t, p)| match grads.get(p.as_tensor()) {
-                            Some(g) => t - (g * lr)?,
-                            None => Ok(t.clone()),
+                            Some(g) => Ok(g.clone()),
+                            None => t.zeros_like(),
                         })
                         .collect::<candle_core::Result<_>>()?;
+                    let step = self.momentum_step(velocity.as_deref(), gradient)?;
+                    current = current
+                        .iter()
+                        .zip(&step)
+                        .map(|(t, v)| t - (v * lr)?)
+                        .collect::<candle_core::Result<_>>()?;
+                    velocity = Some(step);
                 }
                 Ok(current
                     .iter()
@@ -660,13 +685,16 @@ impl<'a> GradientMatcher<'a> {
                 // The delta is taken as theta_S - theta_0, as the client computes it.
                 let mut trajectory = Vec::with_capacity(steps);
                 let mut current = start.clone();
+                let mut velocity: Option<Vec<Tensor>> = None;
                 for _ in 0..steps {
                     let (input, gradient) = self.first_order(&current, &images, forward, true)?;
                     let gradient = gradient.unwrap_or_default();
-                    let step: Vec<Tensor> = gradient
+                    let moved = self.momentum_step(velocity.as_deref(), gradient.clone())?;
+                    let step: Vec<Tensor> = moved
                         .iter()
-                        .map(|g| g * -lr)
+                        .map(|v| v * -lr)
                         .collect::<candle_core::Result<_>>()?;
+                    velocity = Some(moved);
                     let next = add_all(&current, &step)?;
                     let theta_norm = if trajectory.is_empty() {
                         self.start_norm
@@ -698,20 +726,35 @@ impl<'a> GradientMatcher<'a> {
                     .0
             }
             Some(lr) => {
-                // a_S = direction; dM/dx = sum_s -lr H_x(theta_s) a_{s+1};
-                // a_s = a_{s+1} - lr H_theta(theta_s) a_{s+1}.
+                // Steps v_{s+1} = m v_s + g(theta_s), theta_{s+1} = theta_s - lr v_{s+1}, adjoints
+                // a (of theta) and c (of v), a_S = direction, c_S = 0. Back through step s, with
+                // b = c_{s+1} - lr a_{s+1} (v_{s+1}'s whole adjoint): dM/dx += H_x(theta_s) b,
+                // a_s = a_{s+1} + H_theta(theta_s) b, c_s = m b. Plain SGD (m = 0): b = -lr a_{s+1}.
                 let mut adjoint = direction;
+                let mut velocity_adjoint: Option<Vec<Tensor>> = None;
                 let mut total = images.zeros_like()?;
                 for (step, point) in trajectory.iter().enumerate().rev() {
+                    let scaled: Vec<Tensor> = adjoint
+                        .iter()
+                        .map(|a| a * -lr)
+                        .collect::<candle_core::Result<_>>()?;
+                    let carried = match &velocity_adjoint {
+                        Some(c) => add_all(c, &scaled)?,
+                        None => scaled,
+                    };
                     let (input, parameters) =
-                        self.hessian_products(point, &adjoint, &images, step > 0)?;
-                    total = (total + (input * -lr)?)?;
+                        self.hessian_products(point, &carried, &images, step > 0)?;
+                    total = (total + input)?;
                     if let Some(parameters) = parameters {
-                        let scaled: Vec<Tensor> = parameters
-                            .iter()
-                            .map(|h| h * -lr)
-                            .collect::<candle_core::Result<_>>()?;
-                        adjoint = add_all(&adjoint, &scaled)?;
+                        adjoint = add_all(&adjoint, &parameters)?;
+                    }
+                    if self.momentum != 0.0 {
+                        velocity_adjoint = Some(
+                            carried
+                                .iter()
+                                .map(|b| b * self.momentum)
+                                .collect::<candle_core::Result<_>>()?,
+                        );
                     }
                 }
                 total
@@ -719,6 +762,23 @@ impl<'a> GradientMatcher<'a> {
         };
         let gradient = ((matching_gradient * scale)? + prior)?;
         Ok((objective * scale, gradient))
+    }
+
+    /// The velocity of one unrolled step: the gradient, plus `momentum` times the previous velocity
+    /// (none before the first step).
+    fn momentum_step(
+        &self,
+        velocity: Option<&[Tensor]>,
+        gradient: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        match velocity {
+            Some(previous) if self.momentum != 0.0 => Ok(previous
+                .iter()
+                .zip(&gradient)
+                .map(|(v, g)| (v * self.momentum)? + g)
+                .collect::<candle_core::Result<_>>()?),
+            _ => Ok(gradient),
+        }
     }
 
     /// The gradient of the training loss with respect to the observed parameters, set to `theta`, at
@@ -1053,11 +1113,14 @@ pub fn invert_gradients(
             &format!("needs {batch} labels (one per image), got {}", labels.len()),
         ));
     }
-    let unroll = match source {
-        UpdateSource::Gradient
-        | UpdateSource::MomentumSgdDelta { .. }
-        | UpdateSource::OtherDelta { .. } => None,
-        UpdateSource::SgdDelta { lr, local_steps } => Some((*lr, *local_steps)),
+    let (unroll, momentum) = match source {
+        UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => (None, 0.0),
+        UpdateSource::SgdDelta { lr, local_steps } => (Some((*lr, *local_steps)), 0.0),
+        UpdateSource::MomentumSgdDelta {
+            lr,
+            momentum,
+            local_steps,
+        } => (Some((*lr, *local_steps)), *momentum),
     };
     let started = Instant::now();
     let matcher = GradientMatcher::new(
@@ -1075,7 +1138,8 @@ pub fn invert_gradients(
         },
         config.input_gradient,
     )?
-    .with_loss(config.loss);
+    .with_loss(config.loss)
+    .with_momentum(momentum);
     let matcher = match (labels, source) {
         (Some(labels), UpdateSource::Gradient | UpdateSource::SgdDelta { .. }) => {
             matcher.with_patch_refinement(config.patch_refinement, labels)

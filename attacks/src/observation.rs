@@ -20,7 +20,8 @@ pub enum UpdateSource {
     /// theta_local - theta_global after `local_steps` steps of SGD with heavy-ball momentum (`v =
     /// momentum v + g`, `theta -= lr v`, from a zero velocity, no weight decay): `-lr sum_s c_s g_s`
     /// with `c_s = sum_{t = s}^{S-1} momentum^(t - s)`, the same combination of the steps' gradients
-    /// in every parameter. Attacks that need a gradient read it as the weighted mean of the steps'.
+    /// in every parameter. Inverting Gradients unrolls it; attacks that need a gradient read it as the
+    /// weighted mean of the steps'.
     MomentumSgdDelta {
         /// Learning rate of the local SGD.
         lr: f64,
@@ -29,8 +30,8 @@ pub enum UpdateSource {
         /// Number of local steps.
         local_steps: usize,
     },
-    /// A weight delta from an optimizer the attack cannot unroll exactly (AdamW); attacks treat
-    /// -delta as proportional to the summed gradients.
+    /// A weight delta from an optimizer whose per-entry rescaling the attacks do not unroll (AdamW);
+    /// attacks treat -delta as proportional to the summed gradients.
     OtherDelta {
         /// Learning rate of the local optimizer.
         lr: f64,
@@ -121,10 +122,9 @@ impl UpdateView<'_> {
     /// it cannot unroll and matches as a gradient).
     pub fn unrolled_steps(&self) -> usize {
         match self.source {
-            UpdateSource::SgdDelta { local_steps, .. } => (*local_steps).max(1),
-            UpdateSource::Gradient
-            | UpdateSource::MomentumSgdDelta { .. }
-            | UpdateSource::OtherDelta { .. } => 1,
+            UpdateSource::SgdDelta { local_steps, .. }
+            | UpdateSource::MomentumSgdDelta { local_steps, .. } => (*local_steps).max(1),
+            UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => 1,
         }
     }
 }
