@@ -227,3 +227,34 @@ fn an_attack_step_beyond_memory_is_refused_up_front() {
         assert_bad_input(&out, &["--step", "GB", "FEDLEAK_SKIP_MEMORY_CHECK"]);
     }
 }
+
+#[test]
+fn a_capture_sidecar_with_momentum_out_of_range_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = train_on(tmp.path(), "fixture:digits-8x8", &["--clients", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let capture = tmp.path().join("out/captures/round-0001/client-0");
+    let sidecar = capture.join("update.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+    meta["momentum"] = serde_json::json!(1.5);
+    std::fs::write(&sidecar, meta.to_string()).unwrap();
+    let out = fedleak(
+        tmp.path(),
+        &[
+            "attack",
+            "--capture",
+            "out/captures/round-0001/client-0",
+            "--attack",
+            "april",
+            "--out",
+            "refused",
+        ],
+    );
+    assert_bad_input(&out, &["update.json", "momentum 1.5"]);
+    assert!(!tmp.path().join("refused").exists());
+}

@@ -173,6 +173,18 @@ pub fn read_capture(path: &Path, with_private: bool, device: &Device) -> Result<
         reason: format!("not a capture sidecar: {e}"),
         hint: "the sidecar needs round, client, algorithm, update_kind, optimizer, lr, momentum, weight_decay, local_steps, batch_size, num_samples, scheme, seed, upload_bytes".into(),
     })?;
+    // The attacks unroll the client's steps from these: a momentum of 1 or more, or a learning rate
+    // that is negative or not finite, describes no training fedleak runs.
+    if !((0.0..1.0).contains(&meta.momentum) && meta.lr.is_finite() && meta.lr >= 0.0) {
+        return Err(Error::InvalidDataset {
+            source_name: sidecar.display().to_string(),
+            reason: format!(
+                "momentum {} or lr {} is out of range (momentum in [0, 1), lr >= 0)",
+                meta.momentum, meta.lr
+            ),
+            hint: "re-run `fedleak train` to rewrite the capture; a sidecar edited by hand must keep the values training used".into(),
+        });
+    }
     let weights = dir.join("update.safetensors");
     let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
     let global_dir = dir.parent().map(|p| p.join("global")).unwrap_or_default();
