@@ -109,9 +109,9 @@ pub struct AttackArgs {
     pub patch_weight: f64,
     /// Ridge of the patch refinement of Inverting Gradients' result (APRIL's linear system for the
     /// patches with token gradients estimated at the result, regularised towards it), relative to the
-    /// token gradients' energy; gradients and plain-SGD deltas with known labels only; 0 switches it
-    /// off [default: 3e-6 for one image, 1e-4 for a batch or an aggregate, whose patches outnumber
-    /// the equations].
+    /// token gradients' energy; gradients and plain- or momentum-SGD deltas with known labels only; 0
+    /// switches it off [default: 3e-6 for one image, 1e-4 for a batch or an aggregate, whose patches
+    /// outnumber the equations].
     #[arg(long, value_parser = non_negative_weight)]
     pub patch_refinement: Option<f64>,
     /// Factor applied to the prior weights at each step decay of signed Adam (1: constant prior)
