@@ -179,12 +179,7 @@ pub fn invert_patch_embedding(
         _ => 7.82e-3,
     };
     let (patches, condition) = solve_least_squares(columns.clone(), dw.clone(), k, eps, ATTACK)?;
-    let mut explained = vec![0f64; d * k];
-    for (g, x) in columns.iter().zip(patches.chunks_exact(k)) {
-        for (row, &gj) in explained.chunks_exact_mut(k).zip(g) {
-            row.iter_mut().zip(x).for_each(|(e, xv)| *e += gj * xv);
-        }
-    }
+    let explained = token_patch_products(&columns, &patches, k);
     let misfit = norm(
         &explained
             .iter()
@@ -329,6 +324,23 @@ pub fn reconstruct_april(
         objective: inversion.bias_residual,
         seconds: start.elapsed().as_secs_f64(),
     }))
+}
+
+/// The patch embedding's weight gradient the token gradients and patches make, `sum_i g_i x_i^T` (D x
+/// `k`, row-major): `gradients[i]` is token `i`'s gradient (D values), `patches` its rows of `k`.
+pub(crate) fn token_patch_products<G: AsRef<[f64]>>(
+    gradients: &[G],
+    patches: &[f64],
+    k: usize,
+) -> Vec<f64> {
+    let d = gradients.first().map_or(0, |g| g.as_ref().len());
+    let mut product = vec![0f64; d * k];
+    for (g, x) in gradients.iter().zip(patches.chunks_exact(k)) {
+        for (row, &gj) in product.chunks_exact_mut(k).zip(g.as_ref()) {
+            row.iter_mut().zip(x).for_each(|(p, xv)| *p += gj * xv);
+        }
+    }
+    product
 }
 
 /// The `p x p` patches of images (B x C x H x W, row-major values), one row of `C p p` values per

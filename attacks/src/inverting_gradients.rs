@@ -37,7 +37,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
-use crate::observation::{Observation, UpdateSource};
+use crate::observation::{momentum_gradient_weights, Observation, UpdateSource};
 use crate::patch_refinement::{
     refine_patches_after_steps, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
 };
@@ -486,12 +486,10 @@ impl<'a> GradientMatcher<'a> {
         let steps = match self.unroll {
             None => vec![(self.params_with(&theta), 1.0)],
             Some((lr, count)) => {
+                let weights = momentum_gradient_weights(self.momentum, count);
                 let mut steps = Vec::with_capacity(count);
                 let mut velocity: Option<Vec<Tensor>> = None;
-                for step in 0..count {
-                    let weight: f64 = (0..count - step)
-                        .map(|k| self.momentum.powi(k as i32))
-                        .sum();
+                for (step, weight) in weights.into_iter().enumerate() {
                     steps.push((self.params_with(&theta), -lr * weight));
                     if step + 1 < count {
                         let (_, gradient) =

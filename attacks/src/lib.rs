@@ -43,7 +43,7 @@ pub use model::{
     one_hot, ClassifierLayout, GradientRequest, LossGradients, ParamMap, PatchEmbeddingLayout,
     TargetModel,
 };
-pub use observation::{Observation, UpdateSource, UpdateView};
+pub use observation::{momentum_gradient_weights, Observation, UpdateSource, UpdateView};
 pub use patch_refinement::{
     refine_patches, refine_patches_after_steps, BATCH_PATCH_REFINEMENT,
     SINGLE_IMAGE_PATCH_REFINEMENT,

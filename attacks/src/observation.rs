@@ -86,6 +86,19 @@ pub struct UpdateView<'a> {
     pub images: usize,
 }
 
+/// The weight `c_s = sum_{t = s}^{S-1} momentum^(t - s)` of each of `steps` local steps' gradients in
+/// a heavy-ball SGD delta `-lr sum_s c_s g_s` (all 1 for plain SGD).
+///
+/// ```
+/// // v1 = g1, v2 = 0.5 g1 + g2: delta = -lr (1.5 g1 + g2).
+/// assert_eq!(fedleak_attacks::momentum_gradient_weights(0.5, 2), vec![1.5, 1.0]);
+/// ```
+pub fn momentum_gradient_weights(momentum: f64, steps: usize) -> Vec<f64> {
+    (0..steps)
+        .map(|s| (0..steps - s).map(|k| momentum.powi(k as i32)).sum())
+        .collect()
+}
+
 impl UpdateSource {
     /// For a momentum-SGD delta, the sum over its steps of the weights `c_s` of their gradients (see
     /// [`UpdateSource::MomentumSgdDelta`]): `-delta / (lr * this)` is the weighted mean gradient.
@@ -104,12 +117,8 @@ impl UpdateSource {
                 local_steps,
                 ..
             } if (0.0..1.0).contains(momentum) => Some(
-                (0..*local_steps)
-                    .map(|s| {
-                        (0..*local_steps - s)
-                            .map(|k| momentum.powi(k as i32))
-                            .sum::<f64>()
-                    })
+                momentum_gradient_weights(*momentum, *local_steps)
+                    .iter()
                     .sum(),
             ),
             _ => None,

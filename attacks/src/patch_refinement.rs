@@ -41,7 +41,9 @@
 
 use candle_core::Tensor;
 
-use crate::april::{images_to_patches, patches_to_images, solve_least_squares};
+use crate::april::{
+    images_to_patches, patches_to_images, solve_least_squares, token_patch_products,
+};
 use crate::linear::{observed_tensor, tensor_to_f64};
 use crate::model::{one_hot, ParamMap, TargetModel};
 use crate::{AttackError, Result};
@@ -171,12 +173,7 @@ pub fn refine_patches_after_steps(
     let start = images_to_patches(&tensor_to_f64(images)?, (c, h, w), p);
 
     // The patch-embedding gradient the candidates predict, G'^T X', and the scale of the observed one.
-    let mut predicted = vec![0f64; d * k];
-    for (g, x) in gradients.iter().zip(start.chunks_exact(k)) {
-        for (row, &gj) in predicted.chunks_exact_mut(k).zip(g.iter()) {
-            row.iter_mut().zip(x).for_each(|(r, xv)| *r += gj * xv);
-        }
-    }
+    let predicted = token_patch_products(&gradients, &start, k);
     let dot: f64 = predicted.iter().zip(&dw).map(|(a, b)| a * b).sum();
     let predicted_norm = predicted.iter().map(|v| v * v).sum::<f64>().sqrt();
     let observed_norm = dw.iter().map(|v| v * v).sum::<f64>().sqrt();
