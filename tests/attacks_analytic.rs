@@ -16,6 +16,7 @@ use fedleak_attacks::{
     Observation, ParamMap, ReferenceImages, TargetModel, UpdateSource, BATCH_PATCH_REFINEMENT,
     SINGLE_IMAGE_PATCH_REFINEMENT,
 };
+use fedleak_attacks::{recover_batch_labels, separate_batch_labels, Separation};
 use fedleak_metrics::{psnr_db, ImageDims};
 
 fn dataset(spec: &str, cfg: &VitConfig) -> Dataset {
@@ -963,6 +964,182 @@ fn patch_refinement_of_a_multi_step_sgd_delta_keeps_the_private_image_and_moves_
                 after > before + 0.5,
                 "momentum {momentum} offset {offset} noise {noise}: {before:.2} -> {after:.2} dB"
             );
+        }
+    }
+}
+
+/// Whether every label of `part` can be matched to a distinct label of `whole`.
+fn is_sub_multiset(part: &[u32], whole: &[u32], classes: usize) -> bool {
+    count_overlap(whole, part, classes) == part.len()
+}
+
+/// SGD on `images` with `labels` from `target`'s parameters until the mean loss is below `loss`
+/// (at most `max_steps` steps): a model that has fitted the batch it is then attacked on.
+fn fit_batch(
+    target: &VitTarget,
+    images: &Tensor,
+    labels: &[u32],
+    lr: f64,
+    loss: f64,
+    max_steps: usize,
+) -> (ParamMap, f64, usize) {
+    let targets = one_hot(labels, target.num_classes(), images.dtype(), &Device::Cpu).unwrap();
+    let mut current = target.parameters().clone();
+    for step in 0..max_steps {
+        let value = target
+            .loss(&current, images, &targets)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        if value < loss {
+            return (current, value, step);
+        }
+        let gradient = gradient_at(target, &current, images, labels);
+        current = current
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.clone(),
+                    (value - (&gradient[name] * lr).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+    }
+    panic!("the batch was not fitted to loss {loss} in {max_steps} steps");
+}
+
+#[test]
+fn label_separation_labels_each_image_of_a_batch_also_where_the_model_fits_it() {
+    // (data, labels, SGD learning rate and loss of the fit)
+    let cases: [(&str, Vec<u32>, f64, f64); 2] = [
+        (
+            "fixture:ihc-tiles-32",
+            vec![0, 0, 0, 1, 1, 1, 1, 1],
+            0.5,
+            0.02,
+        ),
+        ("fixture:mnist5k", vec![0, 0, 1, 2, 3, 3, 3, 9], 0.2, 0.1),
+    ];
+    for (spec, wanted, lr, fit_loss) in cases {
+        let probe = ModelPreset::VitMicro32.config(&["a".into(), "b".into()], Default::default());
+        let data = dataset(spec, &probe);
+        let cfg = config(
+            ModelPreset::VitMicro32,
+            &data,
+            PositionEmbeddingKind::Learnable,
+        );
+        let classes = cfg.num_labels();
+        let fresh = target(&cfg, DType::F32);
+        let images = batch(&data, &pick(&data, &wanted), DType::F32);
+        let mut sorted = wanted.clone();
+        sorted.sort();
+        let (fitted, loss, steps) = fit_batch(&fresh, &images, &wanted, lr, fit_loss, 1000);
+        let fitted = VitTarget::new(&Checkpoint {
+            config: cfg.clone(),
+            tensors: fitted,
+        });
+        for (what, model) in [("fresh", &fresh), ("fitted", &fitted)] {
+            let observation = fedsgd(true_gradient(model, &images, &wanted), wanted.len());
+            let Separation::Separated(separated) =
+                separate_batch_labels(&observation, model, 0).unwrap()
+            else {
+                panic!("separation applies to a FedSGD batch")
+            };
+            let LabelOutcome::Recovered(counted) =
+                count_labels(&observation, model, &LabelCountConfig::default(), None).unwrap()
+            else {
+                panic!("label counts apply")
+            };
+            let LabelOutcome::Recovered(recovered) =
+                recover_batch_labels(&observation, model, &LabelCountConfig::default(), None)
+                    .unwrap()
+            else {
+                panic!("label recovery applies")
+            };
+            println!(
+                "{spec}, {what} model (fitted: loss {loss:.3} after {steps} steps): {} of 8 \
+                 images separated ({:?}), residuals {:.1e}..{:.1e}; counts alone {}/8, with \
+                 separation {}/8",
+                separated.labels.len(),
+                separated.labels,
+                separated
+                    .residuals
+                    .iter()
+                    .copied()
+                    .fold(f64::INFINITY, f64::min),
+                separated.residuals.iter().copied().fold(0.0, f64::max),
+                count_overlap(&wanted, &counted.labels, classes),
+                count_overlap(&wanted, &recovered.labels, classes),
+            );
+            assert!(
+                is_sub_multiset(&separated.labels, &wanted, classes),
+                "{spec}, {what}: separated {:?} from {wanted:?}",
+                separated.labels
+            );
+            let (alone, with) = (
+                count_overlap(&wanted, &counted.labels, classes),
+                count_overlap(&wanted, &recovered.labels, classes),
+            );
+            if what == "fresh" {
+                assert!(separated.labels.len() >= 6, "{spec}: {separated:?}");
+                assert_eq!(recovered.labels, sorted, "{spec}, {what}");
+            } else {
+                assert!(separated.labels.len() >= 3, "{spec}: {separated:?}");
+                assert!(
+                    with > alone,
+                    "{spec}: {with}/8 with separation, {alone}/8 without"
+                );
+            }
+
+            // A one-step SGD delta is -lr times the gradient: the same images, the same labels
+            // (read with the wrong sign, two classes would come back swapped).
+            let Observation::ClientUpdate { update, .. } = &observation else {
+                unreachable!()
+            };
+            let lr = 0.05;
+            let delta: ParamMap = update
+                .iter()
+                .map(|(k, g)| (k.clone(), (g * -lr).unwrap()))
+                .collect();
+            let as_delta = |local_steps, adaptive: bool| Observation::ClientUpdate {
+                update: delta.clone(),
+                source: if adaptive {
+                    UpdateSource::OtherDelta { lr, local_steps }
+                } else {
+                    UpdateSource::SgdDelta { lr, local_steps }
+                },
+                batch_size: wanted.len(),
+            };
+            match separate_batch_labels(&as_delta(1, false), model, 0).unwrap() {
+                Separation::Separated(from_delta) => {
+                    let mut a = from_delta.labels.clone();
+                    let mut b = separated.labels.clone();
+                    a.sort();
+                    b.sort();
+                    assert_eq!(a, b, "{spec}, {what}: delta against gradient");
+                }
+                Separation::NotApplicable { reason } => panic!("{reason}"),
+            }
+            for (observation, why) in [
+                (as_delta(2, false), "local steps"),
+                (as_delta(1, true), "adaptive optimizer"),
+                (
+                    fedsgd(
+                        true_gradient(model, &images.narrow(0, 0, 1).unwrap(), &wanted[..1]),
+                        1,
+                    ),
+                    "iDLG",
+                ),
+            ] {
+                match separate_batch_labels(&observation, model, 0).unwrap() {
+                    Separation::NotApplicable { reason } => {
+                        assert!(reason.contains(why), "{reason}")
+                    }
+                    Separation::Separated(s) => panic!("{why}: separated {s:?}"),
+                }
+            }
         }
     }
 }

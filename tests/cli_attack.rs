@@ -85,19 +85,20 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
         1 + features["features"].as_u64().unwrap() as usize
     );
 
-    // The aggregate of two clients: two images behind it, no closed form, label counts for both.
+    // The aggregate of two clients: two images behind it, no closed form; their labels from the
+    // images the classifier block's gradients separate (label counts for any left over).
     let april = attack(dir, "aggregate", "april");
     let reason = april["not_applicable"].as_str().unwrap();
     assert!(reason.contains("aggregate of 2 clients"), "{reason}");
     let counts = attack(dir, "aggregate", "idlg");
-    assert_eq!(counts["attack"], "label-counts");
+    assert_eq!(counts["attack"], "label-separation");
     assert_eq!(counts["labels"].as_array().unwrap().len(), 2, "{counts}");
     assert_eq!(counts["label_accuracy"], 1.0, "{counts}");
     // The same from the held-out tiles as the attacker's reference images; a reference that does
     // not exist or has other classes is refused (exit 2) before anything is written.
     let reference = ["--label-reference", "fixture:ihc-tiles-32"];
     let counts = attack_with(dir, "aggregate", "idlg", &reference);
-    assert_eq!(counts["attack"], "label-counts");
+    assert_eq!(counts["attack"], "label-separation");
     assert_eq!(counts["label_accuracy"], 1.0, "{counts}");
     for (source, named) in [
         ("folder:no-such-dir", "no-such-dir"),

@@ -16,6 +16,7 @@ mod feature_inversion;
 mod idlg;
 mod inverting_gradients;
 mod label_counts;
+mod label_separation;
 mod linear;
 mod model;
 mod observation;
@@ -38,10 +39,13 @@ pub use inverting_gradients::{
     SINGLE_IMAGE_PRIOR_DECAY,
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
+pub use label_separation::{
+    recover_batch_labels, separate_batch_labels, SeparatedLabels, Separation,
+};
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
 pub use model::{
-    one_hot, ClassifierLayout, GradientRequest, LossGradients, ParamMap, PatchEmbeddingLayout,
-    TargetModel,
+    one_hot, ClassifierBlockLayout, ClassifierLayout, GradientRequest, LossGradients, ParamMap,
+    PatchEmbeddingLayout, TargetModel,
 };
 pub use observation::{momentum_gradient_weights, Observation, UpdateSource, UpdateView};
 pub use patch_refinement::{

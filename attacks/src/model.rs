@@ -35,6 +35,27 @@ pub struct ClassifierLayout {
     pub bias: String,
 }
 
+/// The last transformer block of a ViT that classifies from its CLS token, for separating a batch's
+/// images by label: its MLP sees only that token on the way to the loss, so each of the MLP's weight
+/// gradients is a sum of one outer product per image. The hidden activation must be the exact GELU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassifierBlockLayout {
+    /// Name of the block's second layer norm's scale (D), in front of the MLP.
+    pub norm_weight: String,
+    /// Name of that layer norm's shift (D).
+    pub norm_bias: String,
+    /// Name of the MLP's hidden weight (M x D).
+    pub hidden_weight: String,
+    /// Name of the MLP's hidden bias (M).
+    pub hidden_bias: String,
+    /// Name of the MLP's output weight (D x M).
+    pub output_weight: String,
+    /// Name of the MLP's output bias (D).
+    pub output_bias: String,
+    /// Name of the final layer norm's scale (D), between the block and the classifier.
+    pub final_norm_weight: String,
+}
+
 /// What a first-order pass of the training loss should return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GradientRequest {
@@ -109,6 +130,13 @@ pub trait TargetModel: Send + Sync {
 
     /// The final linear classifier's layout.
     fn classifier(&self) -> ClassifierLayout;
+
+    /// The block in front of the classifier, for architectures whose last block's MLP reads only the
+    /// token the classifier reads; `None` (the default) when the model does not expose it: per-image
+    /// label separation then reports itself not applicable.
+    fn classifier_block(&self) -> Option<ClassifierBlockLayout> {
+        None
+    }
 
     /// The features the classifier reads (B x D; for a ViT, the CLS token after the final layer norm)
     /// of images (B x C x H x W) under the given parameters, differentiable with respect to the images.

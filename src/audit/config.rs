@@ -17,9 +17,9 @@ pub const DEFAULT_AUDIT_TOML: &str = include_str!("default_audit.toml");
 pub enum AttackKind {
     /// The APRIL-style closed form (batch 1, learnable position embedding).
     April,
-    /// Inverting Gradients (optimisation with second-order autograd), labels from iDLG / label counts.
+    /// Inverting Gradients (optimisation with second-order autograd), labels from iDLG / label separation and counts.
     Ig,
-    /// DLG: squared-L2 gradient matching without a prior, labels from iDLG / label counts.
+    /// DLG: squared-L2 gradient matching without a prior, labels from iDLG / label separation and counts.
     Dlg,
 }
 

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use fedleak_attacks::{
-    count_labels, infer_label_idlg, invert_gradients, reconstruct_april, AttackOutcome,
+    infer_label_idlg, invert_gradients, reconstruct_april, recover_batch_labels, AttackOutcome,
     InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
     ReferenceImages,
 };
@@ -337,8 +337,9 @@ fn mean_image(data: &DataSplits) -> Vec<f32> {
     sum.into_iter().map(|s| (s / n) as f32).collect()
 }
 
-/// Labels for an optimisation attack: iDLG for one image, label counts for a batch (from `reference`
-/// images when the attacker holds them).
+/// Labels for an optimisation attack: iDLG for one image; for a batch, the images the classifier
+/// block's gradients separate and label counts for the rest (from `reference` images when the
+/// attacker holds them).
 fn recover_labels(
     observation: &Observation,
     target: &VitTarget,
@@ -351,7 +352,7 @@ fn recover_labels(
     let outcome = if single {
         infer_label_idlg(observation, target)?
     } else {
-        count_labels(observation, target, &LabelCountConfig::default(), reference)?
+        recover_batch_labels(observation, target, &LabelCountConfig::default(), reference)?
     };
     Ok(match outcome {
         LabelOutcome::Recovered(r) => Ok(r.labels),

@@ -13,9 +13,10 @@ use fedleak::fl::read_capture;
 use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
-    count_labels, infer_label_idlg, invert_gradients, reconstruct_april, recover_classifier_input,
-    AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig,
-    LabelCountConfig, LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
+    infer_label_idlg, invert_gradients, reconstruct_april, recover_batch_labels,
+    recover_classifier_input, AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient,
+    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
+    ReferenceImages, TargetModel,
 };
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
@@ -34,9 +35,10 @@ pub enum AttackArg {
     April,
     /// Inverting Gradients (optimisation, second-order autograd).
     Ig,
-    /// DLG: squared-L2 gradient matching, no prior, L-BFGS (labels from iDLG / label counts).
+    /// DLG: squared-L2 gradient matching, no prior, L-BFGS (labels from iDLG / label separation).
     Dlg,
-    /// Labels only: iDLG for one image, label counts from the classifier bias for a batch.
+    /// Labels only: iDLG for one image; for a batch, each image the classifier block's gradients
+    /// separate, label counts from the classifier bias for the rest.
     Idlg,
     /// The classifier's input (the CLS feature) from the classifier's gradients, one image.
     Linear,
@@ -219,8 +221,9 @@ struct ResultRow {
     attack_seconds: f64,
 }
 
-/// Recovers one label per image: iDLG for a single image, label counts for a batch or an aggregate
-/// (class by class from `reference` images when the attacker has them).
+/// Recovers one label per image: iDLG for a single image; for a batch or an aggregate, the images the
+/// classifier block's gradients separate, and label counts for the rest (class by class from
+/// `reference` images when the attacker has them).
 fn recover_labels(
     observation: &Observation,
     target: &VitTarget,
@@ -230,7 +233,7 @@ fn recover_labels(
         if matches!(observation, Observation::ClientUpdate { batch_size: 1, .. }) {
             infer_label_idlg(observation, target)?
         } else {
-            count_labels(observation, target, &LabelCountConfig::default(), reference)?
+            recover_batch_labels(observation, target, &LabelCountConfig::default(), reference)?
         },
     )
 }
@@ -464,7 +467,7 @@ struct LabelRow {
     attack_seconds: f64,
 }
 
-/// `--attack idlg`: labels only (iDLG for one image, label counts for a batch), scored as a multiset
+/// `--attack idlg`: labels only (iDLG for one image, separation and counts for a batch), scored as a multiset
 /// against the private labels when they are known (counts carry no order).
 fn run_labels(
     capture: &fedleak::fl::Capture,

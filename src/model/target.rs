@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 use candle_nn::VarBuilder;
 use fedleak_attacks::{
-    ClassifierLayout, GradientRequest, LossGradients, ParamMap, PatchEmbeddingLayout, TargetModel,
+    ClassifierBlockLayout, ClassifierLayout, GradientRequest, LossGradients, ParamMap,
+    PatchEmbeddingLayout, TargetModel,
 };
 
 use super::backward::loss_gradients;
@@ -175,6 +176,20 @@ impl TargetModel for VitTarget {
             },
             patch_size: self.config.patch_size,
             has_cls_token: true,
+        })
+    }
+
+    fn classifier_block(&self) -> Option<ClassifierBlockLayout> {
+        let last = self.config.num_hidden_layers.checked_sub(1)?;
+        let block = format!("vit.encoder.layer.{last}");
+        Some(ClassifierBlockLayout {
+            norm_weight: format!("{block}.layernorm_after.weight"),
+            norm_bias: format!("{block}.layernorm_after.bias"),
+            hidden_weight: format!("{block}.intermediate.dense.weight"),
+            hidden_bias: format!("{block}.intermediate.dense.bias"),
+            output_weight: format!("{block}.output.dense.weight"),
+            output_bias: format!("{block}.output.dense.bias"),
+            final_norm_weight: "vit.layernorm.weight".into(),
         })
     }
 
