@@ -22,6 +22,16 @@
 //! reading such a delta as one gradient, had scored 5.5-8.0 dB.
 //!
 //! A fixed position table (sin-cos, MAE) is the known defence: its gradient is not transmitted.
+//! Nor does the span of the first attention's weight gradients give the patches away, as it would in
+//! exact arithmetic: the query, key and value gradients of one image are sums of one outer product
+//! per token, so their rows span the `T = N + 1` normalised tokens (DAGER's test, Petrov et al.,
+//! NeurIPS 2024), and each patch token's membership of that span is linear in the patch and its
+//! layer norm's scale (`D - T` equations in `CPP + 1` unknowns: 127 in 49 on `vit-tiny-32`). Tried
+//! 2026-12-03 (scratch code, not kept) on eight sin-cos FedSGD captures of IHC tiles: the stacked
+//! gradients' singular values fall from 6.6 to the f32 floor (~1e-7) within 13 of the 65, because
+//! the position table dominates every token and the image is a small perturbation of it; the span's
+//! complement is then mostly noise, and the solved images scored 8.8-14.5 dB. In f64 the 64th value
+//! is 1e-14 of the first (7.5 dB); after 50 and 100 FedSGD rounds, 5.5-13.3 dB.
 //! This module sees only the observation and the model's layout, never the private image.
 
 use std::time::Instant;

@@ -26,6 +26,13 @@
 //! residual 400-fold and the PSNR to 22.05 dB. From halfway between the result and the private image
 //! (28.84 dB, 1 - cosine 9.0e-8) L-BFGS reached 30.31 dB at 5.3e-10: images from 22 to 30 dB away
 //! share objectives far below the result's. What is left is not the optimiser's but the prior's.
+//! Two priors fitted on the attacker's held-out tiles do not supply it (2026-12-03, scratch scripts
+//! on the eight tiles' results, read back from their PNGs): a Gaussian model of 4 x 4 patches gives
+//! the private images an energy of 31.0 and the results 31.9 (8 x 8 patches: 107 and 131), but the
+//! average of the two, smoother than either, 21.6 (75): it favours smoothness, not the private image
+//! (so it was not tried inside the optimisation). A linear correction of each patch from its 8 x 8 neighbourhood, fitted on
+//! pairs of results and private images of the other tiles (leave-one-out over sixteen, with flips
+//! and rotations), gained 0.3 dB (22.58 -> 22.87 dB; 26.22 -> 26.37 on the other eight).
 //!
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).

@@ -134,6 +134,8 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// bias gradient fixes only the counts scaled by that unknown shrinkage. Reading the shrinkage off the
 /// classifier-weight gradient as well (its least-squares split over per-class error-weighted reference
 /// features, then counts in proportion) did worse at rounds 191-200: 57 % / 57 %.
+/// [`crate::recover_batch_labels`] first separates the images it can, each exactly, and uses these
+/// counts only for the rest.
 ///
 /// # Errors
 /// [`AttackError::Observation`] when the update lacks the classifier bias or the global parameters lack
