@@ -30,7 +30,9 @@
 //! exactly one negative entry is left unseparated. Measured (2026-12-03, `vit-micro-32`, the test
 //! `label_separation_labels_each_image_of_a_batch_also_where_the_model_fits_it`): on MNIST digits
 //! fitted to loss 0.1, ignoring the token's term left no image with one negative entry; fitting it,
-//! 7 of 8 images were separated, all correctly.
+//! 7 of 8 images were separated, all correctly. On `vit-tiny-32` FedSGD captures of MNIST batches of 8
+//! (a model still at 11-18 % test accuracy after 100 and 150 rounds), 5-8 of 8 images per client
+//! and 5 of an aggregate's 32 were separated, each with a label of the batch.
 //!
 //! What it cannot do: an image the model fits so well that its share of the gradient is below the
 //! update's rounding leaves nothing to separate (its `a_i` is not in the numerical row space). A
