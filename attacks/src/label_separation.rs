@@ -130,34 +130,10 @@ pub fn separate_batch_labels(
             "{images} image(s): nothing to separate (iDLG reads one image's label exactly)"
         ));
     }
-    let sign =
-        match view.source {
-            UpdateSource::Gradient => 1.0,
-            UpdateSource::SgdDelta {
-                lr, local_steps: 1, ..
-            }
-            | UpdateSource::MomentumSgdDelta {
-                lr, local_steps: 1, ..
-            } if lr.is_finite() && *lr > 0.0 => -1.0,
-            UpdateSource::SgdDelta { local_steps, .. }
-            | UpdateSource::MomentumSgdDelta { local_steps, .. }
-                if *local_steps != 1 =>
-            {
-                return not_applicable(format!(
-                "each of the {local_steps} local steps moves the parameters: an image's terms do \
-                 not add up to one outer product"
-            ))
-            }
-            UpdateSource::SgdDelta { lr, .. } | UpdateSource::MomentumSgdDelta { lr, .. } => {
-                return not_applicable(format!(
-                    "a delta at learning rate {lr} cannot be read as a gradient"
-                ))
-            }
-            UpdateSource::OtherDelta { .. } => return not_applicable(
-                "an adaptive optimizer's delta rescales each entry: the outer products are lost"
-                    .to_string(),
-            ),
-        };
+    let sign = match gradient_sign(view.source) {
+        Ok(sign) => sign,
+        Err(reason) => return not_applicable(reason),
+    };
     let Some(layout) = model.classifier_block() else {
         return not_applicable("the model does not expose its classifier block".to_string());
     };
@@ -170,6 +146,35 @@ pub fn separate_batch_labels(
         ));
     }
     Ok(Separation::Separated(block.separate(images, seed)?))
+}
+
+/// The sign that makes `source`'s update a gradient for the separation (its scale does not matter),
+/// or why it cannot be read as one.
+fn gradient_sign(source: &UpdateSource) -> std::result::Result<f64, String> {
+    match source {
+        UpdateSource::Gradient => Ok(1.0),
+        UpdateSource::SgdDelta { lr, local_steps }
+        | UpdateSource::MomentumSgdDelta {
+            lr, local_steps, ..
+        } => {
+            if *local_steps != 1 {
+                Err(format!(
+                    "each of the {local_steps} local steps moves the parameters: an image's \
+                     terms do not add up to one outer product"
+                ))
+            } else if lr.is_finite() && *lr > 0.0 {
+                Ok(-1.0)
+            } else {
+                Err(format!(
+                    "a delta at learning rate {lr} cannot be read as a gradient"
+                ))
+            }
+        }
+        UpdateSource::OtherDelta { .. } => Err(
+            "an adaptive optimizer's delta rescales each entry: the outer products are lost"
+                .to_string(),
+        ),
+    }
 }
 
 /// Recovers the labels of the images behind an update: those [`separate_batch_labels`] separates,
