@@ -49,7 +49,7 @@ use candle_core::Tensor;
 use nalgebra::{DMatrix, DVector};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use crate::idlg::{LabelOutcome, LabelRecovery};
+use crate::idlg::{infer_label_idlg, LabelOutcome, LabelRecovery};
 use crate::label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 use crate::linear::{observed_tensor, tensor_to_f64};
 use crate::model::{ClassifierBlockLayout, TargetModel};
@@ -174,6 +174,25 @@ fn gradient_sign(source: &UpdateSource) -> std::result::Result<f64, String> {
             "an adaptive optimizer's delta rescales each entry: the outer products are lost"
                 .to_string(),
         ),
+    }
+}
+
+/// Recovers one label per image behind an update, by the strongest label attack that applies: iDLG
+/// ([`infer_label_idlg`]) for one client's single image, [`recover_batch_labels`] for a batch or an
+/// aggregate.
+///
+/// # Errors
+/// As those attacks.
+pub fn recover_labels(
+    observation: &Observation,
+    model: &dyn TargetModel,
+    config: &LabelCountConfig,
+    reference: Option<&ReferenceImages>,
+) -> Result<LabelOutcome> {
+    if matches!(observation, Observation::ClientUpdate { batch_size: 1, .. }) {
+        infer_label_idlg(observation, model)
+    } else {
+        recover_batch_labels(observation, model, config, reference)
     }
 }
 

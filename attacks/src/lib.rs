@@ -40,7 +40,7 @@ pub use inverting_gradients::{
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use label_separation::{
-    recover_batch_labels, separate_batch_labels, SeparatedLabels, Separation,
+    recover_batch_labels, recover_labels, separate_batch_labels, SeparatedLabels, Separation,
 };
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
 pub use model::{

@@ -5,9 +5,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use fedleak_attacks::{
-    infer_label_idlg, invert_gradients, reconstruct_april, recover_batch_labels, AttackOutcome,
-    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
-    ReferenceImages,
+    invert_gradients, reconstruct_april, recover_labels, AttackOutcome, InvertingGradientsConfig,
+    LabelCountConfig, LabelOutcome, Observation, Reconstruction, ReferenceImages,
 };
 use fedleak_metrics::{match_batch, score_pair, ImageDims};
 use serde::Serialize;
@@ -337,29 +336,6 @@ fn mean_image(data: &DataSplits) -> Vec<f32> {
     sum.into_iter().map(|s| (s / n) as f32).collect()
 }
 
-/// Labels for an optimisation attack: iDLG for one image; for a batch, the images the classifier
-/// block's gradients separate and label counts for the rest (from `reference` images when the
-/// attacker holds them).
-fn recover_labels(
-    observation: &Observation,
-    target: &VitTarget,
-    reference: Option<&ReferenceImages>,
-) -> Result<std::result::Result<Vec<u32>, String>> {
-    let single = observation
-        .update_view()
-        .map(|v| v.images == 1)
-        .unwrap_or(false);
-    let outcome = if single {
-        infer_label_idlg(observation, target)?
-    } else {
-        recover_batch_labels(observation, target, &LabelCountConfig::default(), reference)?
-    };
-    Ok(match outcome {
-        LabelOutcome::Recovered(r) => Ok(r.labels),
-        LabelOutcome::NotApplicable { attack, reason } => Err(format!("{attack}: {reason}")),
-    })
-}
-
 fn run_attack(
     kind: AttackKind,
     observation: &Observation,
@@ -384,11 +360,11 @@ fn run_attack(
                     ..defaults
                 }
             };
-            match recover_labels(observation, target, reference)? {
-                Ok(labels) => invert_gradients(
+            match recover_labels(observation, target, &LabelCountConfig::default(), reference)? {
+                LabelOutcome::Recovered(recovery) => invert_gradients(
                     observation,
                     target,
-                    Some(&labels),
+                    Some(&recovery.labels),
                     &InvertingGradientsConfig {
                         iterations: config.attack.iterations,
                         restarts: config.attack.restarts,
@@ -396,9 +372,9 @@ fn run_attack(
                         ..base
                     },
                 )?,
-                Err(reason) => AttackOutcome::NotApplicable {
+                LabelOutcome::NotApplicable { attack, reason } => AttackOutcome::NotApplicable {
                     attack: kind.id(),
-                    reason: format!("labels could not be recovered ({reason})"),
+                    reason: format!("labels could not be recovered ({attack}: {reason})"),
                 },
             }
         }

@@ -13,10 +13,9 @@ use fedleak::fl::read_capture;
 use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
-    infer_label_idlg, invert_gradients, reconstruct_april, recover_batch_labels,
-    recover_classifier_input, AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient,
-    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
-    ReferenceImages, TargetModel,
+    invert_gradients, reconstruct_april, recover_classifier_input, recover_labels, AttackOutcome,
+    FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig,
+    LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
 };
 use fedleak_metrics::{match_batch, ImageDims};
 use serde::Serialize;
@@ -221,23 +220,6 @@ struct ResultRow {
     attack_seconds: f64,
 }
 
-/// Recovers one label per image: iDLG for a single image; for a batch or an aggregate, the images the
-/// classifier block's gradients separate, and label counts for the rest (class by class from
-/// `reference` images when the attacker has them).
-fn recover_labels(
-    observation: &Observation,
-    target: &VitTarget,
-    reference: Option<&ReferenceImages>,
-) -> Result<LabelOutcome> {
-    Ok(
-        if matches!(observation, Observation::ClientUpdate { batch_size: 1, .. }) {
-            infer_label_idlg(observation, target)?
-        } else {
-            recover_batch_labels(observation, target, &LabelCountConfig::default(), reference)?
-        },
-    )
-}
-
 /// The held-out split of `--label-reference`, at the model's input shape.
 fn load_label_reference(
     capture: &fedleak::fl::Capture,
@@ -417,7 +399,12 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             if args.joint_labels {
                 invert_gradients(&observation, &target, None, &config)?
             } else {
-                match recover_labels(&observation, &target, reference.as_ref())? {
+                match recover_labels(
+                    &observation,
+                    &target,
+                    &LabelCountConfig::default(),
+                    reference.as_ref(),
+                )? {
                     LabelOutcome::Recovered(r) => {
                         invert_gradients(&observation, &target, Some(&r.labels), &config)?
                     }
@@ -477,13 +464,14 @@ fn run_labels(
     args: &AttackArgs,
     device: &candle_core::Device,
 ) -> Result<()> {
-    let recovery = match recover_labels(observation, target, reference)? {
-        LabelOutcome::Recovered(recovery) => recovery,
-        LabelOutcome::NotApplicable { attack, reason } => {
-            print_not_applicable(attack, &reason);
-            return Ok(());
-        }
-    };
+    let recovery =
+        match recover_labels(observation, target, &LabelCountConfig::default(), reference)? {
+            LabelOutcome::Recovered(recovery) => recovery,
+            LabelOutcome::NotApplicable { attack, reason } => {
+                print_not_applicable(attack, &reason);
+                return Ok(());
+            }
+        };
     let mut unmatched: Option<Vec<u32>> =
         private_images(capture, device)?.map(|private| private.labels);
     let rows: Vec<LabelRow> = recovery
