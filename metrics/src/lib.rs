@@ -18,6 +18,7 @@
 
 mod dims;
 mod error;
+mod labels;
 mod matching;
 mod nmi;
 mod psnr;
@@ -25,6 +26,7 @@ mod ssim;
 
 pub use crate::dims::{ImageDims, Pixel};
 pub use crate::error::{ImageRole, MetricsError};
+pub use crate::labels::{score_labels, RecoveredLabel};
 pub use crate::matching::{assign_min_cost, match_batch, MatchedPair, Matching};
 pub use crate::nmi::{nmi, nmi_studholme, NMI_BINS};
 pub use crate::psnr::{mse, psnr_db};

@@ -8,7 +8,9 @@ use fedleak_attacks::{
     invert_gradients, reconstruct_april, recover_labels, AttackOutcome, InvertingGradientsConfig,
     LabelCountConfig, LabelOutcome, Observation, Reconstruction, ReferenceImages,
 };
-use fedleak_metrics::{match_batch, score_pair, ImageDims};
+use fedleak_metrics::{
+    match_batch, score_labels, score_pair, ImageDims, MatchedPair, RecoveredLabel,
+};
 use serde::Serialize;
 
 use super::config::{AttackKind, AuditConfig};
@@ -60,7 +62,9 @@ pub struct ImageRow {
     pub label: Option<u32>,
     /// The true label.
     pub true_label: u32,
-    /// Whether the recovered label is right.
+    /// Whether the recovered label is one of the batch's: it claims a private label of its class
+    /// that no other recovered label has claimed, its own matched image's first
+    /// ([`fedleak_metrics::score_labels`]); for one image, whether it is the image's label.
     pub label_correct: Option<bool>,
     /// Wall time of the attack on the whole batch, in seconds.
     pub attack_seconds: f64,
@@ -454,13 +458,29 @@ fn score(
         &recs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
         dims,
     )?;
-    let mut rows = Vec::new();
-    for pair in &matching.pairs {
-        let base = score_pair(&refs[pair.reference], baseline, dims)?;
-        let label = reconstruction
+    let label_of = |pair: &MatchedPair| {
+        reconstruction
             .labels
             .as_ref()
-            .and_then(|l| l.get(pair.reconstruction).copied());
+            .and_then(|l| l.get(pair.reconstruction).copied())
+    };
+    // Labels are scored as a multiset over the batch (see `score_labels`): on an aggregate the
+    // matching of poor reconstructions to private images says nothing about where a label belongs.
+    let label_scores = score_labels(
+        &matching
+            .pairs
+            .iter()
+            .map(|pair| RecoveredLabel {
+                label: label_of(pair),
+                matched: Some(pair.reference),
+            })
+            .collect::<Vec<_>>(),
+        labels,
+    );
+    let mut rows = Vec::new();
+    for (pair, label_correct) in matching.pairs.iter().zip(label_scores) {
+        let base = score_pair(&refs[pair.reference], baseline, dims)?;
+        let label = label_of(pair);
         let true_label = labels[pair.reference];
         rows.push(ImageRow {
             scheme: scheme.into(),
@@ -479,7 +499,7 @@ fn score(
                 && pair.score.ssim >= config.verdict.ssim_min,
             label,
             true_label,
-            label_correct: label.map(|l| l == true_label),
+            label_correct,
             attack_seconds: reconstruction.seconds,
         });
     }

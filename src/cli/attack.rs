@@ -17,7 +17,7 @@ use fedleak_attacks::{
     FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig,
     LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
 };
-use fedleak_metrics::{match_batch, ImageDims};
+use fedleak_metrics::{match_batch, score_labels, ImageDims, RecoveredLabel};
 use serde::Serialize;
 
 use super::{
@@ -472,22 +472,32 @@ fn run_labels(
                 return Ok(());
             }
         };
-    let mut unmatched: Option<Vec<u32>> =
-        private_images(capture, device)?.map(|private| private.labels);
+    let scores: Vec<Option<bool>> = match private_images(capture, device)? {
+        Some(private) => score_labels(
+            &recovery
+                .labels
+                .iter()
+                .map(|&label| RecoveredLabel {
+                    label: Some(label),
+                    matched: None,
+                })
+                .collect::<Vec<_>>(),
+            &private.labels,
+        ),
+        None => vec![None; recovery.labels.len()],
+    };
     let rows: Vec<LabelRow> = recovery
         .labels
         .iter()
+        .zip(scores)
         .enumerate()
-        .map(|(image, &label)| LabelRow {
+        .map(|(image, (&label, label_correct))| LabelRow {
             round: capture.meta.round,
             client: capture.meta.client,
             attack: recovery.attack,
             image,
             label,
-            label_correct: unmatched.as_mut().map(|truth| {
-                let found = truth.iter().position(|&t| t == label);
-                found.map(|at| truth.swap_remove(at)).is_some()
-            }),
+            label_correct,
             objective: recovery.objective,
             attack_seconds: recovery.seconds,
         })
@@ -646,8 +656,20 @@ fn write_outputs(
             &recs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
             dims,
         )?;
+        // Labels are scored as a multiset over the batch (see `score_labels`).
+        let label_scores = score_labels(
+            &matching
+                .pairs
+                .iter()
+                .map(|pair| RecoveredLabel {
+                    label: rows[pair.reconstruction].label,
+                    matched: Some(pair.reference),
+                })
+                .collect::<Vec<_>>(),
+            &private.labels,
+        );
         let mut ordered = Vec::new();
-        for pair in &matching.pairs {
+        for (pair, label_correct) in matching.pairs.iter().zip(label_scores) {
             let row = &mut rows[pair.reconstruction];
             row.private_index = Some(pair.reference);
             row.psnr_db = Some(pair.score.psnr_db);
@@ -655,7 +677,7 @@ fn write_outputs(
             row.ssim_skimage = Some(pair.score.ssim_skimage);
             row.nmi = Some(pair.score.nmi);
             row.true_label = Some(private.labels[pair.reference]);
-            row.label_correct = row.label.map(|l| l == private.labels[pair.reference]);
+            row.label_correct = label_correct;
             ordered.push(pair.reconstruction);
         }
         let matched = Tensor::stack(
