@@ -213,6 +213,18 @@ fn forward_difference_input_gradient_agrees_with_the_exact_double_backward_in_f6
 }
 
 #[test]
+fn alternating_difference_input_gradient_agrees_with_the_exact_double_backward_on_both_sides_in_f64(
+) {
+    check_finite_difference(None, InputGradient::AlternatingDifference, 0.0);
+}
+
+#[test]
+fn adjoint_alternating_difference_through_four_sgd_steps_agrees_with_the_exact_double_backward_in_f64(
+) {
+    check_finite_difference(Some((0.5, 4)), InputGradient::AlternatingDifference, 0.0);
+}
+
+#[test]
 fn adjoint_central_difference_through_four_sgd_steps_agrees_with_the_exact_double_backward_in_f64()
 {
     // A large step size, so the parameters move enough between steps that the adjoint's parameter
@@ -288,7 +300,10 @@ fn check_finite_difference(unroll: Option<(f64, usize)>, difference: InputGradie
         for seed in [2, 3, 4] {
             let x = image(&cfg, seed);
             let (objective_a, a) = exact.objective_and_gradient(&x).unwrap();
-            let (objective_b, b) = approx.objective_and_gradient(&x).unwrap();
+            // The seed as the optimiser step: the alternating difference takes both sides.
+            let (objective_b, b) = approx
+                .objective_and_gradient_at_step(&x, seed as usize)
+                .unwrap();
             let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
             let dot: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();

@@ -6,7 +6,7 @@
 //! the iterations, box constraint [0, 1] after every step. Several random restarts; the one with the
 //! lowest *matching objective* is returned — the attack never sees ground truth. The input gradient of the
 //! objective is a Hessian-vector product by finite difference of first-order passes by default
-//! (forward for one image, central for a batch), or the exact second-order gradient through candle's
+//! (forward for one image, alternating sides for a batch), or the exact second-order gradient through candle's
 //! autograd (`CANDLE_GRAD_DO_NOT_DETACH`); see [`InputGradient`].
 //!
 //! For a FedAvg weight delta from local SGD, the client's local steps are unrolled with the known
@@ -164,6 +164,11 @@ pub enum InputGradient {
     /// update (it also takes the input gradient). Two first-order passes (2S for S local steps), the
     /// second without parameter gradients; first-order accurate in eps instead of second-order.
     ForwardDifference,
+    /// As [`InputGradient::ForwardDifference`] (two first-order passes), but the one-sided step
+    /// alternates between theta + eps u and theta - eps u from one optimiser step to the next, so
+    /// the difference's first-order error in eps changes sign every step and the optimiser's
+    /// momentum averages it away.
+    AlternatingDifference,
 }
 
 impl Default for InvertingGradientsConfig {
@@ -214,23 +219,32 @@ impl InvertingGradientsConfig {
     }
 
     /// Default input gradient for an observation of `images` private images: the two-pass forward
-    /// difference for one image, the three-pass central difference for a batch. Measured on the
+    /// difference for one image, the two-pass alternating difference for a batch. Measured on the
     /// sin-cos IHC tiles (tiny ViT): at batch 1 the forward difference costs nothing in quality (8
-    /// tiles 21.93 dB / SSIM 0.379 against 21.84 / 0.38; FedAvg 4 local steps, 4 tiles 21.31 against
-    /// 21.40 dB) for 0.72x the time per step; at batch 8 (2000 iterations, 1 restart) it ended at
-    /// higher matching objectives (3.1e-6 / 3.4e-6 against 2.7e-6 / 1.0e-6) and lower PSNR (18.47 /
-    /// 16.40 against 18.76 / 17.48 dB on the two clients' batches).
+    /// tiles 21.93 dB / SSIM 0.379 against 21.84 / 0.38 for the three-pass central difference;
+    /// FedAvg 4 local steps, 4 tiles 21.31 against 21.40 dB) for 0.72x the time per step. At batch 8
+    /// (2000 iterations, 1 restart) the forward difference ended at higher matching objectives (3.1e-6
+    /// / 3.4e-6 against 2.7e-6 / 1.0e-6) and lower PSNR (18.47 / 16.40 against 18.76 / 17.48 dB on
+    /// two clients' batches): its first-order error in eps always pushes the same way. Alternating
+    /// the side every step lets signed Adam's momentum cancel it: on 2026-12-03 (`fedleak attack
+    /// --attack auto --input-gradient central|alternating`, 3000 iterations, 2 restarts, seed 1, four
+    /// FedSGD batches of 8 sin-cos IHC tiles from two captures) alternating ended at a lower
+    /// objective on three of the four (9.16e-7 / 9.51e-7 / 1.045e-6 / 1.363e-6 against 9.32e-7 /
+    /// 1.419e-6 / 1.059e-6 / 1.309e-6), at 20.95 / 16.75 / 18.17 / 20.97 dB against 21.01 / 17.75 /
+    /// 18.01 / 21.08 (mean 19.21 / SSIM 0.312 against 19.46 / 0.323: at batch 8 PSNR scatters by
+    /// about 1 dB at equal objective), in 0.72x the wall time (1122 against 1564 s on one batch, run
+    /// side by side).
     ///
     /// ```
     /// use fedleak_attacks::{InputGradient, InvertingGradientsConfig};
     /// let single = InvertingGradientsConfig::default_input_gradient(1);
     /// assert_eq!(single, InputGradient::ForwardDifference);
     /// let batch = InvertingGradientsConfig::default_input_gradient(8);
-    /// assert_eq!(batch, InputGradient::CentralDifference);
+    /// assert_eq!(batch, InputGradient::AlternatingDifference);
     /// ```
     pub fn default_input_gradient(images: usize) -> InputGradient {
         if images > 1 {
-            InputGradient::CentralDifference
+            InputGradient::AlternatingDifference
         } else {
             InputGradient::ForwardDifference
         }
@@ -635,19 +649,43 @@ impl<'a> GradientMatcher<'a> {
 
     /// The matching objective (without the prior) and the input gradient of matching + prior.
     pub fn objective_and_gradient(&self, images: &Tensor) -> Result<(f64, Tensor)> {
-        self.objective_and_gradient_under(images, &self.prior)
+        self.objective_and_gradient_under(images, &self.prior, 0)
+    }
+
+    /// [`GradientMatcher::objective_and_gradient`] as the optimiser's evaluation number `step`
+    /// computes it: the same for every input gradient but [`InputGradient::AlternatingDifference`],
+    /// whose one-sided step is taken towards `theta + eps u` at even steps and `theta - eps u` at odd
+    /// ones.
+    pub fn objective_and_gradient_at_step(
+        &self,
+        images: &Tensor,
+        step: usize,
+    ) -> Result<(f64, Tensor)> {
+        self.objective_and_gradient_under(images, &self.prior, step)
     }
 
     /// [`GradientMatcher::objective_and_gradient`] with `prior` in place of the matcher's own (a
     /// prior schedule's current weights).
+    /// `evaluation` counts the optimiser's evaluations (it sets the side of
+    /// [`InputGradient::AlternatingDifference`]'s step).
     fn objective_and_gradient_under(
         &self,
         images: &Tensor,
         prior: &ImagePrior,
+        evaluation: usize,
     ) -> Result<(f64, Tensor)> {
         match self.input_gradient {
-            InputGradient::CentralDifference | InputGradient::ForwardDifference => {
-                self.finite_difference(images, prior)
+            InputGradient::CentralDifference
+            | InputGradient::ForwardDifference
+            | InputGradient::AlternatingDifference => {
+                let side = if self.input_gradient == InputGradient::AlternatingDifference
+                    && evaluation % 2 == 1
+                {
+                    -1.0
+                } else {
+                    1.0
+                };
+                self.finite_difference(images, prior, side)
             }
             InputGradient::DoubleBackward => {
                 let (objective, gradient, _) = self.exact_gradients(images, None, prior)?;
@@ -656,13 +694,19 @@ impl<'a> GradientMatcher<'a> {
         }
     }
 
-    /// [`InputGradient::CentralDifference`] and [`InputGradient::ForwardDifference`]: first-order
+    /// [`InputGradient::CentralDifference`], [`InputGradient::ForwardDifference`] and
+    /// [`InputGradient::AlternatingDifference`] (`side` -1: the one-sided step backwards): first-order
     /// passes only. For a gradient: one pass for the simulated gradient, then one (forward) or two
     /// (central) for the Hessian-vector product. For an unrolled delta of S local steps: S passes
     /// forward through the steps, then an adjoint sweep back through them with one or two passes per
     /// step, each giving the step's mixed (input) and parameter Hessian-vector products at once.
-    fn finite_difference(&self, images: &Tensor, prior: &ImagePrior) -> Result<(f64, Tensor)> {
-        let forward = self.input_gradient == InputGradient::ForwardDifference;
+    fn finite_difference(
+        &self,
+        images: &Tensor,
+        prior: &ImagePrior,
+        side: f64,
+    ) -> Result<(f64, Tensor)> {
+        let forward = self.input_gradient != InputGradient::CentralDifference;
         let images = images.detach();
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
@@ -723,7 +767,7 @@ impl<'a> GradientMatcher<'a> {
         let prior = prior.gradient(&images)?;
         let matching_gradient = match lr {
             None => {
-                self.hessian_products(&trajectory[0], &direction, &images, false)?
+                self.hessian_products(&trajectory[0], &direction, &images, false, side)?
                     .0
             }
             Some(lr) => {
@@ -744,7 +788,7 @@ impl<'a> GradientMatcher<'a> {
                         None => scaled,
                     };
                     let (input, parameters) =
-                        self.hessian_products(point, &carried, &images, step > 0)?;
+                        self.hessian_products(point, &carried, &images, step > 0, side)?;
                     total = (total + input)?;
                     if let Some(parameters) = parameters {
                         adjoint = add_all(&adjoint, &parameters)?;
@@ -949,13 +993,15 @@ impl<'a> GradientMatcher<'a> {
     /// Hessian-vector products of the training loss at a sweep point along `vector`, by finite
     /// difference: the input part d/dx <grad_theta L, vector> and, when `with_parameters`, the
     /// parameter part H_theta vector, both from the same first-order passes: at theta + eps vector
-    /// against the point's own gradients (forward), or at theta +/- eps vector (central).
+    /// against the point's own gradients (forward; at theta - eps vector when `side` is negative),
+    /// or at theta +/- eps vector (central).
     fn hessian_products(
         &self,
         point: &SweepPoint,
         vector: &[Tensor],
         images: &Tensor,
         with_parameters: bool,
+        side: f64,
     ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
         let (theta, theta_norm) = (&point.theta, point.theta_norm);
         let vector_norm = squared_norm(vector)?.sqrt();
@@ -987,10 +1033,11 @@ impl<'a> GradientMatcher<'a> {
             let (input, parameters) = self.first_order(&shifted, images, true, with_parameters)?;
             Ok((input.unwrap_or(images.zeros_like()?), parameters))
         };
-        let (input_plus, parameters_plus) = gradients_at(1.0)?;
-        let ((input_minus, parameters_minus), step) = match base {
-            Some(base) => (base, eps),
-            None => (gradients_at(-1.0)?, 2.0 * eps),
+        let ((input_plus, parameters_plus), (input_minus, parameters_minus), step) = match base {
+            // One-sided: theta + side eps vector against the point itself.
+            Some(base) if side < 0.0 => (base, gradients_at(-1.0)?, eps),
+            Some(base) => (gradients_at(1.0)?, base, eps),
+            None => (gradients_at(1.0)?, gradients_at(-1.0)?, 2.0 * eps),
         };
         let inverse = 1.0 / step;
         let input = ((input_plus - input_minus)? * inverse)?;
@@ -1007,15 +1054,18 @@ impl<'a> GradientMatcher<'a> {
     }
 
     /// The matching objective and the gradients of matching + `prior` at a candidate.
+    /// `evaluation` counts the optimiser's evaluations (see
+    /// [`GradientMatcher::objective_and_gradient_under`]).
     fn evaluate(
         &self,
         candidate: &Candidate,
         prior: &ImagePrior,
+        evaluation: usize,
     ) -> Result<(f64, Tensor, Option<Tensor>)> {
         match &candidate.label_logits {
             None => {
                 let (objective, gradient) =
-                    self.objective_and_gradient_under(&candidate.images, prior)?;
+                    self.objective_and_gradient_under(&candidate.images, prior, evaluation)?;
                 Ok((objective, gradient, None))
             }
             // Joint label optimisation needs the logits' gradient: exact double backward.
@@ -1313,7 +1363,7 @@ fn signed_adam(
         }
         let decays = milestones.iter().filter(|&&s| step > s).count() as i32;
         let prior = matcher.prior.scaled(config.prior_decay.powi(decays));
-        let (objective, images, logits) = matcher.evaluate(&candidate(&parts), &prior)?;
+        let (objective, images, logits) = matcher.evaluate(&candidate(&parts), &prior, step)?;
         last = objective;
         let lr = config.lr * 0.1f64.powi(decays);
         for (k, grad) in std::iter::once(images).chain(logits).enumerate() {
@@ -1375,7 +1425,7 @@ fn lbfgs(
         |t: &Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?) };
     let evaluate = |values: &[f64]| -> Result<Evaluation> {
         let candidate = to_candidate(values)?;
-        let (matching, images, logits) = matcher.evaluate(&candidate, &matcher.prior)?;
+        let (matching, images, logits) = matcher.evaluate(&candidate, &matcher.prior, 0)?;
         let prior = if matcher.prior.is_active() {
             matcher
                 .prior

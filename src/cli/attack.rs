@@ -55,12 +55,14 @@ pub enum OptimizerArg {
 /// How Inverting Gradients computes the input gradient of its matching objective.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InputGradientArg {
-    /// The default for the observation: forward difference for one image, central for a batch.
+    /// The default for the observation: forward difference for one image, alternating for a batch.
     Auto,
     /// Forward-difference Hessian-vector product (two first-order passes).
     Forward,
     /// Central-difference Hessian-vector product (three first-order passes).
     Central,
+    /// One-sided difference whose side alternates from step to step (two first-order passes).
+    Alternating,
     /// Exact double backward through candle's autograd (slowest, most memory).
     Exact,
 }
@@ -129,8 +131,8 @@ pub struct AttackArgs {
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
     pub precision: PrecisionArg,
     /// How the signed-Adam attack computes its input gradient: `auto` (forward difference for one
-    /// image, central for a batch or an aggregate), `forward`, `central`, or `exact` (double backward;
-    /// L-BFGS, DLG and joint labels always take it).
+    /// image, alternating sides for a batch or an aggregate), `forward`, `central`, `alternating`, or
+    /// `exact` (double backward; L-BFGS, DLG and joint labels always take it).
     #[arg(long, value_enum, default_value_t = InputGradientArg::Auto)]
     pub input_gradient: InputGradientArg,
     /// Labelled images the attacker holds from the clients' distribution, for the label counts of a
@@ -326,6 +328,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         (_, InputGradientArg::Auto) => defaults.input_gradient,
         (_, InputGradientArg::Forward) => InputGradient::ForwardDifference,
         (_, InputGradientArg::Central) => InputGradient::CentralDifference,
+        (_, InputGradientArg::Alternating) => InputGradient::AlternatingDifference,
     };
     let optimizer = match args.optimizer {
         OptimizerArg::SignedAdam => ImageOptimizer::SignedAdam,

@@ -29,7 +29,8 @@ pub enum StepArg {
     Train,
     /// One Inverting-Gradients step as `fedleak attack` runs it for this batch size: the matching
     /// objective and its input gradient by a forward-difference Hessian-vector product for one image
-    /// (two first-order passes), by a central difference for a batch (three).
+    /// (two first-order passes), by an alternating one-sided difference for a batch (two; timed at
+    /// its forward side, the backward side costs the same).
     Attack,
     /// The step by a forward difference, whatever the batch size.
     AttackForward,
