@@ -10,6 +10,8 @@
 //! whose labels all sit on the right images scores exactly as a per-image comparison would, and the
 //! number of correct labels is always the size of the multiset intersection.
 
+use crate::Matching;
+
 /// One recovered label to score: the label (`None` when the attack recovered none for this row) and
 /// the index of the private image the row was matched to, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,25 @@ pub fn score_labels(recovered: &[RecoveredLabel], truth: &[u32]) -> Vec<Option<b
         scored[row] = Some(free.is_some());
     }
     scored
+}
+
+/// [`score_labels`] for the pairs of a [`Matching`]: `recovered[j]` is the label the attack gave
+/// reconstruction `j` (`None`, or an index past the end: no label); one score per pair, in the
+/// matching's order.
+pub fn score_matched_labels(
+    matching: &Matching,
+    recovered: &[Option<u32>],
+    truth: &[u32],
+) -> Vec<Option<bool>> {
+    let rows: Vec<RecoveredLabel> = matching
+        .pairs
+        .iter()
+        .map(|pair| RecoveredLabel {
+            label: recovered.get(pair.reconstruction).copied().flatten(),
+            matched: Some(pair.reference),
+        })
+        .collect();
+    score_labels(&rows, truth)
 }
 
 #[cfg(test)]
@@ -120,6 +141,29 @@ mod tests {
             score_labels(&recovered, &[0, 1]),
             vec![None, Some(true), Some(false)]
         );
+    }
+
+    #[test]
+    fn matched_labels_are_read_by_reconstruction_index() {
+        let dims = crate::ImageDims::new(1, 11, 11);
+        let (black, white) = (vec![0.0_f32; 121], vec![1.0_f32; 121]);
+        let references: [&[f32]; 2] = [&black, &white];
+        let reconstructions: [&[f32]; 3] = [&white, &black, &black];
+        let matching = crate::match_batch(&references, &reconstructions, dims).unwrap();
+        // Reference 0 (black, label 0) pairs with reconstruction 1, reference 1 (white, label 1)
+        // with reconstruction 0; reconstruction 2 stays unmatched.
+        let per_pair =
+            |recovered: &[Option<u32>]| score_matched_labels(&matching, recovered, &[0, 1]);
+        assert_eq!(
+            per_pair(&[Some(1), Some(0), Some(1)]),
+            vec![Some(true), Some(true)]
+        );
+        assert_eq!(
+            per_pair(&[Some(0), Some(1), None]),
+            vec![Some(true), Some(true)]
+        );
+        assert_eq!(per_pair(&[Some(0), Some(0)]), vec![Some(true), Some(false)]);
+        assert_eq!(per_pair(&[None]), vec![None, None]);
     }
 
     #[test]

@@ -26,7 +26,7 @@ mod ssim;
 
 pub use crate::dims::{ImageDims, Pixel};
 pub use crate::error::{ImageRole, MetricsError};
-pub use crate::labels::{score_labels, RecoveredLabel};
+pub use crate::labels::{score_labels, score_matched_labels, RecoveredLabel};
 pub use crate::matching::{assign_min_cost, match_batch, MatchedPair, Matching};
 pub use crate::nmi::{nmi, nmi_studholme, NMI_BINS};
 pub use crate::psnr::{mse, psnr_db};

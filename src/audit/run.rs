@@ -8,9 +8,7 @@ use fedleak_attacks::{
     invert_gradients, reconstruct_april, recover_labels, AttackOutcome, InvertingGradientsConfig,
     LabelCountConfig, LabelOutcome, Observation, Reconstruction, ReferenceImages,
 };
-use fedleak_metrics::{
-    match_batch, score_labels, score_pair, ImageDims, MatchedPair, RecoveredLabel,
-};
+use fedleak_metrics::{match_batch, score_matched_labels, score_pair, ImageDims};
 use serde::Serialize;
 
 use super::config::{AttackKind, AuditConfig};
@@ -458,29 +456,21 @@ fn score(
         &recs.iter().map(Vec::as_slice).collect::<Vec<_>>(),
         dims,
     )?;
-    let label_of = |pair: &MatchedPair| {
-        reconstruction
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(pair.reconstruction).copied())
-    };
+    let recovered: Vec<Option<u32>> = (0..recs.len())
+        .map(|j| {
+            reconstruction
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(j).copied())
+        })
+        .collect();
     // Labels are scored as a multiset over the batch (see `score_labels`): on an aggregate the
     // matching of poor reconstructions to private images says nothing about where a label belongs.
-    let label_scores = score_labels(
-        &matching
-            .pairs
-            .iter()
-            .map(|pair| RecoveredLabel {
-                label: label_of(pair),
-                matched: Some(pair.reference),
-            })
-            .collect::<Vec<_>>(),
-        labels,
-    );
+    let label_scores = score_matched_labels(&matching, &recovered, labels);
     let mut rows = Vec::new();
     for (pair, label_correct) in matching.pairs.iter().zip(label_scores) {
         let base = score_pair(&refs[pair.reference], baseline, dims)?;
-        let label = label_of(pair);
+        let label = recovered[pair.reconstruction];
         let true_label = labels[pair.reference];
         rows.push(ImageRow {
             scheme: scheme.into(),

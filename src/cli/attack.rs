@@ -17,7 +17,7 @@ use fedleak_attacks::{
     FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig,
     LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
 };
-use fedleak_metrics::{match_batch, score_labels, ImageDims, RecoveredLabel};
+use fedleak_metrics::{match_batch, score_labels, score_matched_labels, ImageDims, RecoveredLabel};
 use serde::Serialize;
 
 use super::{
@@ -660,17 +660,8 @@ fn write_outputs(
             dims,
         )?;
         // Labels are scored as a multiset over the batch (see `score_labels`).
-        let label_scores = score_labels(
-            &matching
-                .pairs
-                .iter()
-                .map(|pair| RecoveredLabel {
-                    label: rows[pair.reconstruction].label,
-                    matched: Some(pair.reference),
-                })
-                .collect::<Vec<_>>(),
-            &private.labels,
-        );
+        let recovered: Vec<Option<u32>> = rows.iter().map(|row| row.label).collect();
+        let label_scores = score_matched_labels(&matching, &recovered, &private.labels);
         let mut ordered = Vec::new();
         for (pair, label_correct) in matching.pairs.iter().zip(label_scores) {
             let row = &mut rows[pair.reconstruction];
