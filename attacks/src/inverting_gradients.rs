@@ -37,6 +37,20 @@
 //! tiles, `fedleak attack --attack auto --restarts 1 --seed S` for S = 1..8, the PNGs averaged by a
 //! scratch program): one restart 22.63 dB / SSIM 0.456, the mean of two 22.75 / 0.456, of eight
 //! 22.85 / 0.464, where independent errors would have gained up to 9 dB.
+//! Tried inside the optimisation after all, a Gaussian model of 8 x 8 patches (fitted on the 182
+//! test tiles at least 32 pixels from every attacked one) does not help either (2026-12-04, scratch
+//! probe, 100 Adam steps on matching + weight x energy from the result, two other tiles): it
+//! lowered the patches' energy far below the private images' (5.7 - 13.5 against 55.7 / 79.1) for
+//! +0.1 / +0.2 dB (22.92 -> 23.04, 20.73 -> 20.91). Where the error lies (the eight results against their private tiles,
+//! 2026-12-04): 96 % of its energy is luminance (the colours are right), half of it is in the 4 x 4
+//! patches' mean values, and the results have about 70 % of the private images' contrast: the
+//! gradient leaves the patches' brightness relative to each other loose, and the prior fills it in
+//! smoothly. The gradient is that loose because the position table dominates every token and the
+//! image is a small perturbation of it (see the `april` module on the first attention's span): on a
+//! FedSGD gradient of one sin-cos IHC tile (tiny ViT, f32, initial weights) the patch embedding's
+//! weight gradient (192 x 48) has 2 singular values above 1e-3 of the largest, 13 above 1e-5 and 34
+//! above 1e-7, and the first block's query, key and value weight gradients 16, 18 and 10 of 192
+//! above 1e-7; after 200 FedSGD rounds 11 - 20.
 //!
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).
