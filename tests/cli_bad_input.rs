@@ -229,7 +229,7 @@ fn an_attack_step_beyond_memory_is_refused_up_front() {
 }
 
 #[test]
-fn a_capture_sidecar_with_momentum_out_of_range_is_named() {
+fn a_corrupt_capture_is_named_and_nothing_is_written() {
     let tmp = tempfile::tempdir().unwrap();
     let out = train_on(tmp.path(), "fixture:digits-8x8", &["--clients", "2"]);
     assert!(
@@ -257,4 +257,30 @@ fn a_capture_sidecar_with_momentum_out_of_range_is_named() {
     );
     assert_bad_input(&out, &["update.json", "momentum 1.5"]);
     assert!(!tmp.path().join("refused").exists());
+
+    // A truncated upload is named by its file, whichever attack reads it.
+    let weights = tmp
+        .path()
+        .join("out/captures/round-0001/client-1/update.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    for attack in ["auto", "idlg"] {
+        let out = fedleak(
+            tmp.path(),
+            &[
+                "attack",
+                "--capture",
+                "out/captures/round-0001/client-1",
+                "--attack",
+                attack,
+                "--out",
+                "refused",
+            ],
+        );
+        assert_bad_input(
+            &out,
+            &["client-1/update.safetensors", "not a readable safetensors"],
+        );
+        assert!(!tmp.path().join("refused").exists());
+    }
 }

@@ -53,11 +53,7 @@ pub fn attacker_view(
 /// aggregate of the clients its sidecar lists (an aggregate of one client is that client's update,
 /// and is observed as one).
 pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation> {
-    let origin = format!(
-        "capture of round {} client {}",
-        capture.meta.round, capture.meta.client
-    );
-    let update = capture.transmission.decode_plain(&origin, device)?;
+    let update = capture.transmission.decode_plain(&capture.origin, device)?;
     let meta = &capture.meta;
     let source = match meta.update_kind {
         UpdateKind::Gradient => UpdateSource::Gradient,
@@ -79,6 +75,22 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             local_steps: meta.local_steps,
         },
     };
+    // Inverting Gradients unrolls a delta's local steps on one candidate batch; a client holding
+    // more images than a batch drew a new batch for each step, which that model does not describe.
+    if meta.update_kind == UpdateKind::WeightDelta
+        && meta.local_steps > 1
+        && meta.num_samples > meta.batch_size
+    {
+        tracing::warn!(
+            "{}: the client's {} local steps drew batches of {} from its {} images, but Inverting \
+             Gradients unrolls every step on the same batch: expect a weak reconstruction (one \
+             batch per step is not modelled yet)",
+            capture.origin,
+            meta.local_steps,
+            meta.batch_size,
+            meta.num_samples
+        );
+    }
     // An aggregate of one client is that client's update: every single-input attack applies to it.
     Ok(if meta.aggregate_of.len() <= 1 {
         Observation::ClientUpdate {

@@ -113,6 +113,9 @@ pub struct Capture {
     pub global: Checkpoint,
     /// The private batch (absent when reading a capture whose private part is not available).
     pub private: Option<PrivateBatch>,
+    /// Where the upload came from, for messages: its file when read from disk, its round and
+    /// client when captured in memory.
+    pub origin: String,
 }
 
 fn round_dir(root: &Path, round: usize) -> PathBuf {
@@ -210,6 +213,7 @@ pub fn read_capture(path: &Path, with_private: bool, device: &Device) -> Result<
         None
     };
     Ok(Capture {
+        origin: weights.display().to_string(),
         meta,
         transmission: Transmission::from_bytes(bytes),
         global,

@@ -507,6 +507,7 @@ impl CaptureContext<'_> {
             step_indices,
         };
         Ok(Capture {
+            origin: format!("capture of round {} client {}", meta.round, meta.client),
             meta,
             transmission: Transmission::plain(view, None)?,
             global: Checkpoint {
