@@ -389,6 +389,38 @@ fn secure_aggregation_over_one_client_is_attacked_and_leaks() {
 }
 
 #[test]
+fn local_steps_over_different_batches_are_not_reported_as_resisting_inverting_gradients() {
+    // Each client holds more images than a batch, so its two local steps drew different batches:
+    // Inverting Gradients (one batch unrolled through every step) does not describe the update, and
+    // a weak reconstruction from it must not read as protection.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = small_audit_with_schemes(1)
+        .replace("capture_rounds = [1, 2]", "capture_rounds = [1]")
+        .replace(
+            "algorithm = \"fedsgd\"\nbatch_size = 1",
+            "algorithm = \"fedavg\"\noptimizer = \"sgd\"\nlocal_steps = 2\nbatch_size = 2",
+        )
+        .replace("kinds = [\"april\", \"ig\"]", "kinds = [\"ig\"]");
+    assert!(
+        config.contains("local_steps = 2\nbatch_size = 2"),
+        "{config}"
+    );
+    let run = run_audit(tmp.path(), &config, "steps");
+    assert!(run.status.success(), "{}", util::stderr(&run));
+    let (header, rows) = read_csv(&tmp.path().join("steps/summary.csv"));
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let ig: Vec<&Vec<String>> = rows.iter().filter(|r| r[col("attack")] == "ig").collect();
+    assert!(!ig.is_empty(), "{rows:?}");
+    for row in ig {
+        assert_eq!(row[col("verdict")], "not_attacked", "{row:?}");
+        assert!(
+            row[col("reason")].contains("drew different batches"),
+            "{row:?}"
+        );
+    }
+}
+
+#[test]
 fn a_baseline_that_does_not_leak_is_flagged_in_the_report() {
     // Fixed sin-cos positions rule out the closed form: with it as the only attack, even the
     // unprotected scheme is not attacked, and the report must say that no verdict shows protection.

@@ -75,12 +75,9 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             local_steps: meta.local_steps,
         },
     };
-    // Inverting Gradients unrolls a delta's local steps on one candidate batch; a client holding
-    // more images than a batch drew a new batch for each step, which that model does not describe.
-    if meta.update_kind == UpdateKind::WeightDelta
-        && meta.local_steps > 1
-        && meta.num_samples > meta.batch_size
-    {
+    // Inverting Gradients unrolls a delta's local steps on one candidate batch, which does not
+    // describe steps that drew different batches.
+    if meta.local_batches_differ() {
         tracing::warn!(
             "{}: the client's {} local steps drew batches of {} from its {} images, but Inverting \
              Gradients unrolls every step on the same batch: expect a weak reconstruction (one \

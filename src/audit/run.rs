@@ -668,6 +668,20 @@ pub fn run_audit(
                         batch_size: private.1.len(),
                         ..base_row.clone()
                     };
+                    // The optimisation attacks unroll a delta's local steps on one batch; an
+                    // update whose steps drew different batches is beyond them (not a defence).
+                    if kind != AttackKind::April && capture.meta.local_batches_differ() {
+                        row.reason = format!(
+                            "not applicable: the client's {} local steps drew different batches of \
+                             {} (it holds more images than a batch); {} unrolls every step on one \
+                             batch, which does not describe this update (not modelled yet)",
+                            capture.meta.local_steps,
+                            capture.meta.batch_size,
+                            kind.id()
+                        );
+                        scheme_rows.push(row);
+                        continue;
+                    }
                     // An attack too large for this machine's memory would get the whole audit
                     // killed: it is skipped, with the reason.
                     if let Some(reason) = memory_shortfall(kind, &observation, capture, config) {

@@ -79,6 +79,26 @@ impl CaptureMeta {
         !self.aggregate_of.is_empty()
     }
 
+    /// Whether the update's local steps went through different batches: a weight delta of more than
+    /// one step from a client holding more images than a batch (for an aggregate, more than a batch
+    /// per client on average), so each step drew its own. Inverting Gradients unrolls every step on
+    /// one candidate batch, which does not describe such an update.
+    ///
+    /// ```
+    /// let text = r#"{"round": 1, "client": 0, "algorithm": "fedavg", "update_kind": "weight_delta",
+    ///     "optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "local_steps": 4,
+    ///     "batch_size": 4, "num_samples": 111, "scheme": "none", "seed": 1, "upload_bytes": 0}"#;
+    /// let mut meta: fedleak::fl::CaptureMeta = serde_json::from_str(text).unwrap();
+    /// assert!(meta.local_batches_differ());
+    /// meta.num_samples = 4; // one batch, seen at every step
+    /// assert!(!meta.local_batches_differ());
+    /// ```
+    pub fn local_batches_differ(&self) -> bool {
+        self.update_kind == UpdateKind::WeightDelta
+            && self.local_steps > 1
+            && self.num_samples > self.batch_size * self.aggregate_of.len().max(1)
+    }
+
     /// The party's name in paths and reports: `client-K` for one client's upload, `aggregate` for the
     /// aggregate.
     pub fn party(&self) -> String {
