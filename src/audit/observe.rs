@@ -79,9 +79,9 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
     // describe steps that drew different batches.
     if meta.local_batches_differ() {
         tracing::warn!(
-            "{}: the client's {} local steps drew batches of {} from its {} images, but Inverting \
-             Gradients unrolls every step on the same batch: expect a weak reconstruction (one \
-             batch per step is not modelled yet)",
+            "{}: {} local steps drew batches of {} from {} images, but Inverting Gradients \
+             unrolls every step on the same batch: expect a weak reconstruction (one batch per \
+             step is not modelled yet)",
             capture.origin,
             meta.local_steps,
             meta.batch_size,

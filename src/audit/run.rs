@@ -672,8 +672,8 @@ pub fn run_audit(
                     // update whose steps drew different batches is beyond them (not a defence).
                     if kind != AttackKind::April && capture.meta.local_batches_differ() {
                         row.reason = format!(
-                            "not applicable: the client's {} local steps drew different batches of \
-                             {} (it holds more images than a batch); {} unrolls every step on one \
+                            "not applicable: the {} local steps drew different batches of {} \
+                             (more images than a batch per client); {} unrolls every step on one \
                              batch, which does not describe this update (not modelled yet)",
                             capture.meta.local_steps,
                             capture.meta.batch_size,
