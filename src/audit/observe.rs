@@ -75,17 +75,10 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             local_steps: meta.local_steps,
         },
     };
-    // Inverting Gradients unrolls a delta's local steps on one candidate batch, which does not
-    // describe steps that drew different batches.
-    if meta.local_batches_differ() {
+    if let Some(unmodelled) = meta.unmodelled_local_batches() {
         tracing::warn!(
-            "{}: {} local steps drew batches of {} from {} images, but Inverting Gradients \
-             unrolls every step on the same batch: expect a weak reconstruction (one batch per \
-             step is not modelled yet)",
-            capture.origin,
-            meta.local_steps,
-            meta.batch_size,
-            meta.num_samples
+            "{}: {unmodelled}: expect a weak reconstruction",
+            capture.origin
         );
     }
     // An aggregate of one client is that client's update: every single-input attack applies to it.

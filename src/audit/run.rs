@@ -670,15 +670,12 @@ pub fn run_audit(
                     };
                     // The optimisation attacks unroll a delta's local steps on one batch; an
                     // update whose steps drew different batches is beyond them (not a defence).
-                    if kind != AttackKind::April && capture.meta.local_batches_differ() {
-                        row.reason = format!(
-                            "not applicable: the {} local steps drew different batches of {} \
-                             (more images than a batch per client); {} unrolls every step on one \
-                             batch, which does not describe this update (not modelled yet)",
-                            capture.meta.local_steps,
-                            capture.meta.batch_size,
-                            kind.id()
-                        );
+                    if let Some(unmodelled) = capture
+                        .meta
+                        .unmodelled_local_batches()
+                        .filter(|_| kind != AttackKind::April)
+                    {
+                        row.reason = format!("not applicable: {unmodelled}");
                         scheme_rows.push(row);
                         continue;
                     }

@@ -99,6 +99,19 @@ impl CaptureMeta {
             && self.num_samples > self.batch_size * self.aggregate_of.len().max(1)
     }
 
+    /// What the optimisation attacks cannot model in this update, for warnings and report rows:
+    /// `Some` exactly when [`CaptureMeta::local_batches_differ`].
+    pub fn unmodelled_local_batches(&self) -> Option<String> {
+        self.local_batches_differ().then(|| {
+            format!(
+                "{} local steps drew different batches of {} from {} images; Inverting Gradients \
+                 and DLG unroll every step on one batch, which does not describe this update (one \
+                 batch per step is not modelled yet)",
+                self.local_steps, self.batch_size, self.num_samples
+            )
+        })
+    }
+
     /// The party's name in paths and reports: `client-K` for one client's upload, `aggregate` for the
     /// aggregate.
     pub fn party(&self) -> String {
