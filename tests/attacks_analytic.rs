@@ -11,9 +11,10 @@ use fedleak::model::{
 };
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_patch_embedding, reconstruct_april,
-    recover_classifier_input, refine_patches, refine_patches_after_steps, AttackOutcome,
-    FeatureOutcome, GradientMatcher, ImagePrior, InputGradient, LabelCountConfig, LabelOutcome,
-    Observation, ParamMap, ReferenceImages, TargetModel, UpdateSource, BATCH_PATCH_REFINEMENT,
+    recover_classifier_input, refine_patches, refine_patches_after_steps,
+    refine_patches_after_steps_on_batches, AttackOutcome, FeatureOutcome, GradientMatcher,
+    ImagePrior, InputGradient, LabelCountConfig, LabelOutcome, LocalBatches, Observation, ParamMap,
+    ReferenceImages, TargetModel, UpdateSource, BATCH_PATCH_REFINEMENT,
     SINGLE_IMAGE_PATCH_REFINEMENT,
 };
 use fedleak_attacks::{recover_batch_labels, separate_batch_labels, Separation};
@@ -84,6 +85,7 @@ fn fedsgd(update: ParamMap, batch_size: usize) -> Observation {
         update,
         source: UpdateSource::Gradient,
         batch_size,
+        local_batches: LocalBatches::Repeated,
     }
 }
 
@@ -176,6 +178,7 @@ fn april_recovers_a_real_ihc_tile_through_vit_tiny_in_f32() {
         update: delta,
         source: UpdateSource::SgdDelta { lr, local_steps: 1 },
         batch_size: 1,
+        local_batches: LocalBatches::Repeated,
     };
     let r = reconstruction(reconstruct_april(&observation, &target).unwrap());
     let psnr_delta = psnr_db(data.image(index), &f32_values(&r.images), dims).unwrap();
@@ -191,6 +194,7 @@ fn april_recovers_a_real_ihc_tile_through_vit_tiny_in_f32() {
         update: delta,
         source: UpdateSource::SgdDelta { lr, local_steps: 3 },
         batch_size: 1,
+        local_batches: LocalBatches::Repeated,
     };
     let r = reconstruction(reconstruct_april(&observation, &target).unwrap());
     let psnr_steps = psnr_db(data.image(index), &f32_values(&r.images), dims).unwrap();
@@ -213,6 +217,7 @@ fn april_recovers_a_real_ihc_tile_through_vit_tiny_in_f32() {
             local_steps: 3,
         },
         batch_size: 1,
+        local_batches: LocalBatches::Repeated,
     };
     let r = reconstruction(reconstruct_april(&observation, &target).unwrap());
     let psnr_momentum = psnr_db(data.image(index), &f32_values(&r.images), dims).unwrap();
@@ -236,6 +241,7 @@ fn april_recovers_a_real_ihc_tile_through_vit_tiny_in_f32() {
         update: mixed,
         source: UpdateSource::SgdDelta { lr, local_steps: 3 },
         batch_size: 1,
+        local_batches: LocalBatches::Repeated,
     };
     let reason = not_applicable_reason(reconstruct_april(&observation, &target).unwrap());
     assert!(reason.contains("not one image's"), "{reason}");
@@ -614,6 +620,7 @@ fn label_counts_read_deltas_and_aggregates() {
         update: delta,
         source: UpdateSource::SgdDelta { lr, local_steps: 1 },
         batch_size: 8,
+        local_batches: LocalBatches::Repeated,
     };
     let LabelOutcome::Recovered(r) =
         count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
@@ -636,6 +643,7 @@ fn label_counts_read_deltas_and_aggregates() {
             local_steps: steps,
         },
         batch_size: 8,
+        local_batches: LocalBatches::Repeated,
     };
     let LabelOutcome::Recovered(plain) =
         count_labels(&as_plain_sgd, &target, &LabelCountConfig::default(), None).unwrap()
@@ -650,6 +658,7 @@ fn label_counts_read_deltas_and_aggregates() {
             local_steps: steps,
         },
         batch_size: 8,
+        local_batches: LocalBatches::Repeated,
     };
     let LabelOutcome::Recovered(r) =
         count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
@@ -697,6 +706,7 @@ fn label_counts_read_deltas_and_aggregates() {
         update: g1,
         source: UpdateSource::OtherDelta { lr, local_steps: 1 },
         batch_size: 8,
+        local_batches: LocalBatches::Repeated,
     };
     match count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap() {
         LabelOutcome::NotApplicable { attack, reason } => {
@@ -949,22 +959,100 @@ fn patch_refinement_of_a_multi_step_sgd_delta_keeps_the_private_image_and_moves_
         .unwrap()
         .with_momentum(momentum)
         .with_patch_refinement(ridge, &labels);
-        for (offset, noise) in [(0.1, 0.05), (0.2, 0.0)] {
-            let start = perturbed(&images, offset, noise, 7);
-            let (moved, _) = matcher
-                .refine(&start)
-                .unwrap()
-                .expect("applies and does not raise the objective threefold");
-            let (before, after) = (mean_psnr(&start, &images), mean_psnr(&moved, &images));
-            println!(
-                "delta of {steps} steps at momentum {momentum}, offset {offset} noise {noise}: \
-                 {before:.2} -> {after:.2} dB"
-            );
-            assert!(
-                after > before + 0.5,
-                "momentum {momentum} offset {offset} noise {noise}: {before:.2} -> {after:.2} dB"
-            );
-        }
+        assert_refinement_moves_towards(
+            &matcher,
+            &images,
+            0.5,
+            &format!("delta of {steps} steps at momentum {momentum}"),
+        );
+    }
+}
+
+#[test]
+fn patch_refinement_of_local_steps_on_batches_of_their_own_keeps_the_private_images_and_moves_perturbed_ones_towards_them(
+) {
+    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(ModelPreset::VitTiny32, &data, PositionEmbeddingKind::Sincos);
+    let model = target(&cfg, DType::F64);
+    // Three local steps, each on an image of its own (a client holding more than a batch of 1).
+    let indices = pick(&data, &[1, 0, 1]);
+    let labels: Vec<u32> = indices.iter().map(|&i| data.labels[i]).collect();
+    let images = batch(&data, &indices, DType::F64);
+    let (lr, sizes) = (0.05, [1usize, 1, 1]);
+    let own: Vec<Tensor> = (0..3).map(|s| images.narrow(0, s, 1).unwrap()).collect();
+    let steps: Vec<(&Tensor, &[u32])> = (0..3).map(|s| (&own[s], &labels[s..=s])).collect();
+    let (step_parameters, delta) = sgd_steps(&model, &steps, lr, 0.0);
+    let weighted: Vec<(ParamMap, f64)> = step_parameters.into_iter().map(|p| (p, -lr)).collect();
+    let ridge = BATCH_PATCH_REFINEMENT;
+
+    // Each image through its own step's token gradients explains the delta exactly: the images
+    // stay. Every step on all three instead does not (it refuses or moves them).
+    let refined = refine_patches_after_steps_on_batches(
+        &model,
+        &delta,
+        &weighted,
+        Some(&sizes),
+        &images,
+        &labels,
+        ridge,
+    )
+    .unwrap()
+    .expect("applies to a sin-cos ViT's SGD delta");
+    let kept = relative_difference(&f64_values(&refined), &f64_values(&images));
+    assert!(kept < 1e-9, "the private images moved by {kept:e}");
+    let repeated = refine_patches_after_steps(&model, &delta, &weighted, &images, &labels, ridge)
+        .unwrap()
+        .map(|moved| relative_difference(&f64_values(&moved), &f64_values(&images)));
+    println!("every step on all three images: {repeated:?}");
+    assert!(repeated.is_none_or(|moved| moved > 1e-3), "{repeated:?}");
+    let wrong = refine_patches_after_steps_on_batches(
+        &model,
+        &delta,
+        &weighted,
+        Some(&[2, 1]),
+        &images,
+        &labels,
+        ridge,
+    );
+    assert!(wrong.is_err(), "two batches for three steps");
+
+    // The attacker unrolls the steps at its candidates, each on its own slice.
+    let matcher = GradientMatcher::new(
+        &model,
+        &delta,
+        Some((lr, 3)),
+        Some(&labels),
+        ImagePrior::default(),
+        InputGradient::ForwardDifference,
+    )
+    .unwrap()
+    .with_step_batches(&sizes)
+    .unwrap()
+    .with_patch_refinement(ridge, &labels);
+    assert_refinement_moves_towards(&matcher, &images, 0.15, "three steps on their own images");
+}
+
+/// `matcher`'s refinement of `images` offset and perturbed two ways must raise their mean PSNR
+/// against `images` by more than `margin` dB.
+fn assert_refinement_moves_towards(
+    matcher: &GradientMatcher,
+    images: &Tensor,
+    margin: f64,
+    case: &str,
+) {
+    for (offset, noise) in [(0.1, 0.05), (0.2, 0.0)] {
+        let start = perturbed(images, offset, noise, 7);
+        let (moved, _) = matcher
+            .refine(&start)
+            .unwrap()
+            .expect("applies and does not raise the objective threefold");
+        let (before, after) = (mean_psnr(&start, images), mean_psnr(&moved, images));
+        println!("{case}, offset {offset} noise {noise}: {before:.2} -> {after:.2} dB");
+        assert!(
+            after > before + margin,
+            "{case}, offset {offset} noise {noise}: {before:.2} -> {after:.2} dB"
+        );
     }
 }
 
@@ -1111,6 +1199,7 @@ fn label_separation_labels_each_image_of_a_batch_also_where_the_model_fits_it() 
                     UpdateSource::SgdDelta { lr, local_steps }
                 },
                 batch_size: wanted.len(),
+                local_batches: LocalBatches::Repeated,
             };
             match separate_batch_labels(&as_delta(1, false), model, 0).unwrap() {
                 Separation::Separated(from_delta) => {

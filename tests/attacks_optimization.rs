@@ -7,13 +7,12 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor, Var};
 use fedleak::data::{load_data, DataSpec};
 use fedleak::model::{
-    cross_entropy, init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind,
-    VitConfig, VitTarget,
+    init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind, VitConfig, VitTarget,
 };
 use fedleak_attacks::{
     enable_second_order_gradients, invert_gradients, total_variation, AttackOutcome,
-    GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, MatchingLoss,
-    Observation, ParamMap, TargetModel, UpdateSource,
+    GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig, LocalBatches,
+    MatchingLoss, Observation, ParamMap, TargetModel, UpdateSource,
 };
 
 /// 8x8 RGB, patch 4, width 8, one block: small enough for finite differences.
@@ -69,6 +68,22 @@ fn target(cfg: &VitConfig) -> VitTarget {
     })
 }
 
+/// The gradient of the training loss on `x` under `onehot` at `params`, by name (detached).
+fn gradient_at(model: &VitTarget, params: &ParamMap, x: &Tensor, onehot: &Tensor) -> ParamMap {
+    let vars: BTreeMap<String, Var> = params
+        .iter()
+        .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
+        .collect();
+    let tracked: ParamMap = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    let grads = model.loss(&tracked, x, onehot).unwrap().backward().unwrap();
+    vars.iter()
+        .map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap().detach()))
+        .collect()
+}
+
 /// The client's update on `x`: a gradient, or the delta of `steps` SGD steps with `lr` and heavy-ball
 /// `momentum` (0: plain SGD).
 fn client_update(
@@ -84,34 +99,19 @@ fn client_update(
     let mut first_grad = BTreeMap::new();
     let mut velocity: BTreeMap<String, Tensor> = BTreeMap::new();
     for _ in 0..steps {
-        let vars: BTreeMap<String, Var> = params
-            .iter()
-            .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
-            .collect();
-        let tracked: ParamMap = vars
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        let grads = model
-            .loss(&tracked, x, &onehot)
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (k, v) in &vars {
-            let g = grads.get(v.as_tensor()).unwrap().detach();
-            if first_grad.len() < vars.len() {
+        let gradient = gradient_at(model, &params, x, &onehot);
+        for (k, g) in gradient {
+            if first_grad.len() < params.len() {
                 first_grad.insert(k.clone(), g.clone());
             }
             if let Some((lr, _)) = sgd {
-                let moved = match velocity.get(k) {
+                let moved = match velocity.get(&k) {
                     Some(previous) => ((previous * momentum).unwrap() + &g).unwrap(),
                     None => g,
                 };
-                params.insert(
-                    k.clone(),
-                    (v.as_tensor().detach() - (&moved * lr).unwrap()).unwrap(),
-                );
-                velocity.insert(k.clone(), moved);
+                let next = (&params[&k] - (&moved * lr).unwrap()).unwrap();
+                params.insert(k.clone(), next);
+                velocity.insert(k, moved);
             }
         }
     }
@@ -299,32 +299,174 @@ fn check_finite_difference(unroll: Option<(f64, usize)>, difference: InputGradie
         );
         for seed in [2, 3, 4] {
             let x = image(&cfg, seed);
-            let (objective_a, a) = exact.objective_and_gradient(&x).unwrap();
             // The seed as the optimiser step: the alternating difference takes both sides.
-            let (objective_b, b) = approx
-                .objective_and_gradient_at_step(&x, seed as usize)
-                .unwrap();
-            let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-            let dot: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();
-            let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
-            let cosine = dot / (norm(&a) * norm(&b));
-            println!("{position:?} {difference:?} {unroll:?} seed {seed}: cosine {cosine:.8}, objectives {objective_a:.6e} / {objective_b:.6e} (differ by {:.2e})", (objective_a - objective_b).abs());
-            // The exact matcher simulates the update by autograd, the finite-difference one by the
-            // hand-written backward: the same function, summed in another order. In this deliberately
-            // saturated model (softmax near one-hot, so p - t cancels) and through four unrolled steps
-            // of lr 0.5, their rounding differs by up to ~1e-9 of the objective (measured: 2e-12 on a
-            // gradient, 8e-11 unrolled, on objectives of 0.1-0.9).
-            assert!(
-                (objective_a - objective_b).abs() <= 1e-9 * objective_a.abs().max(1.0),
-                "same objective"
-            );
-            assert!(
-                cosine >= 0.999,
-                "{position:?} {unroll:?}: {difference:?} vs double backward cosine {cosine}"
+            assert_agrees_with_exact(
+                &exact,
+                &approx,
+                &x,
+                seed as usize,
+                &format!("{position:?} {difference:?} {unroll:?} seed {seed}"),
             );
         }
     }
+}
+
+/// `approx`'s objective and input gradient at `x` as its optimiser's evaluation number `evaluation`
+/// against `exact`'s (the double backward): the same objective and cosine >= 0.999.
+fn assert_agrees_with_exact(
+    exact: &GradientMatcher,
+    approx: &GradientMatcher,
+    x: &Tensor,
+    evaluation: usize,
+    case: &str,
+) {
+    let (objective_a, a) = exact.objective_and_gradient(x).unwrap();
+    let (objective_b, b) = approx
+        .objective_and_gradient_at_step(x, evaluation)
+        .unwrap();
+    let a = a.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let dot: f64 = a.iter().zip(&b).map(|(p, q)| p * q).sum();
+    let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
+    let cosine = dot / (norm(&a) * norm(&b));
+    println!("{case}: cosine {cosine:.8}, objectives {objective_a:.6e} / {objective_b:.6e} (differ by {:.2e})", (objective_a - objective_b).abs());
+    // The exact matcher simulates the update by autograd, the finite-difference one by the
+    // hand-written backward: the same function, summed in another order. In this deliberately
+    // saturated model (softmax near one-hot, so p - t cancels) and through four unrolled steps of
+    // lr 0.5, their rounding differs by up to ~1e-9 of the objective (measured: 2e-12 on a
+    // gradient, 8e-11 unrolled, on objectives of 0.1-0.9).
+    assert!(
+        (objective_a - objective_b).abs() <= 1e-9 * objective_a.abs().max(1.0),
+        "{case}: same objective"
+    );
+    assert!(
+        cosine >= 0.999,
+        "{case}: finite difference vs double backward cosine {cosine}"
+    );
+}
+
+/// The plain-SGD delta of local steps that each train on a batch of their own (`batches[s]`: that
+/// step's images and labels), at learning rate `lr`.
+fn per_step_delta(model: &VitTarget, batches: &[(Tensor, Vec<u32>)], lr: f64) -> ParamMap {
+    let mut params: ParamMap = model.parameters().clone();
+    for (images, labels) in batches {
+        let onehot = one_hot(labels, model.num_classes(), DType::F64, &Device::Cpu).unwrap();
+        for (k, g) in gradient_at(model, &params, images, &onehot) {
+            let next = (&params[&k] - (g * lr).unwrap()).unwrap();
+            params.insert(k, next);
+        }
+    }
+    params
+        .iter()
+        .map(|(k, v)| (k.clone(), (v - &model.parameters()[k]).unwrap()))
+        .collect()
+}
+
+#[test]
+fn local_steps_on_batches_of_their_own_are_unrolled_per_slice_exactly_and_by_the_adjoint_sweep_in_f64(
+) {
+    // Two local steps, the first on two images and the second on a third (an epoch's remainder):
+    // the matcher unrolls step s on its own slice of the candidates. Checked four ways: the
+    // objective vanishes at the client's images (and not when every step sees all three, the
+    // model of one repeated batch); the exact double backward against five-point finite
+    // differences of the objective; and each finite-difference adjoint sweep against the exact
+    // double backward.
+    enable_second_order_gradients();
+    let (lr, sizes, labels) = (0.5, [2usize, 1], [2u32, 0, 1]);
+    for position in [
+        PositionEmbeddingKind::Learnable,
+        PositionEmbeddingKind::Sincos,
+    ] {
+        let cfg = small_config(position);
+        let model = target(&cfg);
+        let first = Tensor::cat(&[image(&cfg, 1), image(&cfg, 5)], 0).unwrap();
+        let second = image(&cfg, 6);
+        let truth = Tensor::cat(&[&first, &second], 0).unwrap();
+        let observed = per_step_delta(
+            &model,
+            &[
+                (first, labels[..2].to_vec()),
+                (second, labels[2..].to_vec()),
+            ],
+            lr,
+        );
+        let matcher = |difference: InputGradient| {
+            GradientMatcher::new(
+                &model,
+                &observed,
+                Some((lr, 2)),
+                Some(&labels),
+                ImagePrior::default(),
+                difference,
+            )
+            .unwrap()
+        };
+        let exact = matcher(InputGradient::DoubleBackward)
+            .with_step_batches(&sizes)
+            .unwrap();
+        let objective =
+            |m: &GradientMatcher, x: &Tensor| m.matching(x).unwrap().to_scalar::<f64>().unwrap();
+        let at_truth = objective(&exact, &truth);
+        let repeated = objective(&matcher(InputGradient::DoubleBackward), &truth);
+        println!("{position:?}: objective at the client's images {at_truth:e}, with every step on all three {repeated:e}");
+        assert!(at_truth < 1e-9, "{position:?}: {at_truth:e}");
+        assert!(repeated > 1e-4, "{position:?}: {repeated:e}");
+
+        let candidates = Tensor::cat(&[image(&cfg, 2), image(&cfg, 3), image(&cfg, 4)], 0).unwrap();
+        let (_, grad) = exact.objective_and_gradient(&candidates).unwrap();
+        let grad = grad.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let scale = grad.iter().fold(0f64, |m, g| m.max(g.abs()));
+        // Pixels of each of the three candidates (192 values per image).
+        for index in [5, 170, 250, 383, 400, 575] {
+            let numeric = five_point(
+                &|d: f64| objective(&exact, &with_entry(&candidates, index, d)),
+                1e-4,
+            );
+            let error = (grad[index] - numeric).abs() / scale;
+            assert!(
+                error < 1e-6,
+                "{position:?} pixel {index}: autograd {} vs finite difference {numeric}",
+                grad[index]
+            );
+        }
+        for difference in [
+            InputGradient::CentralDifference,
+            InputGradient::ForwardDifference,
+            InputGradient::AlternatingDifference,
+        ] {
+            let approx = matcher(difference).with_step_batches(&sizes).unwrap();
+            for evaluation in [0, 1] {
+                assert_agrees_with_exact(
+                    &exact,
+                    &approx,
+                    &candidates,
+                    evaluation,
+                    &format!("{position:?} {difference:?} per-step evaluation {evaluation}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn step_batches_for_another_number_of_steps_are_refused() {
+    let cfg = small_config(PositionEmbeddingKind::Sincos);
+    let model = target(&cfg);
+    let observed = client_update(&model, &image(&cfg, 1), 2, Some((0.1, 2)), 0.0);
+    let matcher = |unroll| {
+        GradientMatcher::new(
+            &model,
+            &observed,
+            unroll,
+            Some(&[2, 2]),
+            ImagePrior::default(),
+            InputGradient::ForwardDifference,
+        )
+        .unwrap()
+    };
+    let three = matcher(Some((0.1, 2))).with_step_batches(&[1, 1, 1]);
+    assert!(three.is_err_and(|e| e.to_string().contains("3 step batches")));
+    assert!(matcher(None).with_step_batches(&[1, 1]).is_err());
 }
 
 /// A real IHC tile's FedSGD gradient (batch 1, f32) on a fresh vit-micro-32 with a fixed sin-cos table
@@ -359,30 +501,12 @@ fn tile_case() -> TileCase {
     let x = Tensor::from_vec(truth.clone(), (1, 3, 32, 32), &Device::Cpu).unwrap();
     let label = data.train.labels[3];
     let onehot = one_hot(&[label], 2, DType::F32, &Device::Cpu).unwrap();
-    let vars: BTreeMap<String, Var> = model
-        .parameters()
-        .iter()
-        .map(|(k, v)| (k.clone(), Var::from_tensor(v).unwrap()))
-        .collect();
-    let tracked: ParamMap = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-        .collect();
-    let grads = cross_entropy(
-        &model.model(&tracked).unwrap().forward(&x).unwrap(),
-        &onehot,
-    )
-    .unwrap()
-    .backward()
-    .unwrap();
-    let update: ParamMap = vars
-        .iter()
-        .map(|(k, v)| (k.clone(), grads.get(v.as_tensor()).unwrap().detach()))
-        .collect();
+    let update = gradient_at(&model, model.parameters(), &x, &onehot);
     let observation = Observation::ClientUpdate {
         update,
         source: UpdateSource::Gradient,
         batch_size: 1,
+        local_batches: LocalBatches::Repeated,
     };
     TileCase {
         checkpoint,

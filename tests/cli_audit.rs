@@ -389,12 +389,17 @@ fn secure_aggregation_over_one_client_is_attacked_and_leaks() {
 }
 
 #[test]
-fn local_steps_over_different_batches_are_not_reported_as_resisting_inverting_gradients() {
+fn local_steps_over_different_batches_are_unrolled_per_step_and_aggregates_of_them_not_attacked() {
     // Each client holds more images than a batch, so its two local steps drew different batches:
-    // Inverting Gradients (one batch unrolled through every step) does not describe the update, and
-    // a weak reconstruction from it must not read as protection.
+    // Inverting Gradients unrolls one client's update with each step on candidates of its own (two
+    // batches of two images), while an aggregate of several clients' such steps is beyond it and
+    // must not read as protection.
     let tmp = tempfile::tempdir().unwrap();
-    let config = small_audit_with_schemes(1)
+    let glwe = SMALL_AUDIT
+        .split("[[schemes]]")
+        .find(|scheme| scheme.contains("id = \"glwe\""))
+        .unwrap();
+    let config = format!("{}[[schemes]]{glwe}", small_audit_with_schemes(1))
         .replace("capture_rounds = [1, 2]", "capture_rounds = [1]")
         .replace(
             "algorithm = \"fedsgd\"\nbatch_size = 1",
@@ -409,15 +414,37 @@ fn local_steps_over_different_batches_are_not_reported_as_resisting_inverting_gr
     assert!(run.status.success(), "{}", util::stderr(&run));
     let (header, rows) = read_csv(&tmp.path().join("steps/summary.csv"));
     let col = |name: &str| header.iter().position(|h| h == name).unwrap();
-    let ig: Vec<&Vec<String>> = rows.iter().filter(|r| r[col("attack")] == "ig").collect();
-    assert!(!ig.is_empty(), "{rows:?}");
-    for row in ig {
+    let ig = |scheme: &str| -> Vec<&Vec<String>> {
+        rows.iter()
+            .filter(|r| r[col("attack")] == "ig" && r[col("scheme")] == scheme)
+            .collect()
+    };
+    let client_rows = ig("none");
+    assert!(!client_rows.is_empty(), "{rows:?}");
+    for row in client_rows {
+        assert_ne!(row[col("verdict")], "not_attacked", "{row:?}");
+        assert!(row[col("reason")].contains("images beat"), "{row:?}");
+        // The two steps' batches: four draws, of which any repeats count once.
+        let images: usize = row[col("batch_size")].parse().unwrap();
+        assert!((2..=4).contains(&images), "{row:?}");
+    }
+    let aggregate_rows = ig("glwe");
+    assert!(!aggregate_rows.is_empty(), "{rows:?}");
+    for row in aggregate_rows {
         assert_eq!(row[col("verdict")], "not_attacked", "{row:?}");
         assert!(
-            row[col("reason")].contains("drew different batches"),
+            row[col("reason")].contains("not for an aggregate"),
             "{row:?}"
         );
     }
+    // Every image of the client's update is reconstructed: one row per matched private image.
+    let (header, results) = read_csv(&tmp.path().join("steps/results.csv"));
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let attacked = results
+        .iter()
+        .filter(|r| r[col("attack")] == "ig" && r[col("scheme")] == "none")
+        .count();
+    assert!((2..=4).contains(&attacked), "{results:?}");
 }
 
 #[test]

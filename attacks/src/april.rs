@@ -41,7 +41,7 @@ use candle_core::{DType, Tensor};
 use crate::idlg::{infer_label_idlg, LabelOutcome};
 use crate::linear::{not_a_client_update, observed_tensor, tensor_to_f64};
 use crate::model::{PatchEmbeddingLayout, TargetModel};
-use crate::observation::{Observation, UpdateSource};
+use crate::observation::{LocalBatches, Observation, UpdateSource};
 use crate::reconstruction::{AttackOutcome, Reconstruction};
 use crate::{AttackError, Result};
 
@@ -243,9 +243,20 @@ pub fn reconstruct_april(
     };
     let (update, source) = match observation {
         Observation::ClientUpdate {
+            batch_size: 1,
+            local_batches: LocalBatches::PerStep(sizes),
+            ..
+        } if sizes.len() > 1 => {
+            return not_applicable(format!(
+                "its {} local steps trained on different images: the update mixes their patches",
+                sizes.len()
+            ))
+        }
+        Observation::ClientUpdate {
             update,
             source,
             batch_size: 1,
+            ..
         } => (update, source),
         Observation::ClientUpdate { batch_size, .. } => {
             return not_applicable(format!(

@@ -40,6 +40,15 @@ pub enum AttackError {
         /// The attack.
         attack: &'static str,
     },
+    /// An attack was set up inconsistently with the update it attacks (e.g. step batches for a
+    /// different number of local steps than the update has).
+    #[error("{attack}: {reason}")]
+    Configuration {
+        /// The attack.
+        attack: &'static str,
+        /// What does not fit.
+        reason: String,
+    },
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -17,7 +17,7 @@ use candle_core::Tensor;
 
 use crate::linear::{not_a_client_update, observed_tensor, tensor_to_f64};
 use crate::model::TargetModel;
-use crate::observation::{Observation, UpdateSource};
+use crate::observation::{LocalBatches, Observation, UpdateSource};
 use crate::{AttackError, Result};
 
 /// Name of the attack in reports.
@@ -126,9 +126,24 @@ pub fn infer_label_idlg(
     let start = Instant::now();
     let (update, source) = match observation {
         Observation::ClientUpdate {
+            batch_size: 1,
+            local_batches: LocalBatches::PerStep(sizes),
+            ..
+        } if sizes.len() > 1 => {
+            return Ok(LabelOutcome::NotApplicable {
+                attack: ATTACK,
+                reason: format!(
+                    "its {} local steps trained on different images, whose labels the update \
+                     mixes; label counts apply instead",
+                    sizes.len()
+                ),
+            })
+        }
+        Observation::ClientUpdate {
             update,
             source,
             batch_size: 1,
+            ..
         } => (update, source),
         Observation::ClientUpdate { batch_size, .. } => {
             return Ok(LabelOutcome::NotApplicable {

@@ -64,7 +64,7 @@ use rand::{Rng, SeedableRng};
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
 use crate::observation::{momentum_gradient_weights, Observation, UpdateSource};
 use crate::patch_refinement::{
-    refine_patches_after_steps, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
+    refine_patches_after_steps_on_batches, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
 };
 use crate::prior::ImagePrior;
 use crate::reconstruction::{AttackOutcome, Reconstruction};
@@ -396,6 +396,10 @@ pub struct GradientMatcher<'a> {
     /// The patch refinement's ridge and the known labels, when the refinement applies
     /// ([`GradientMatcher::with_patch_refinement`]).
     refinement: Option<(f64, Vec<u32>)>,
+    /// For local steps on batches of their own, each step's slice of the candidate images (first
+    /// image, count); `None`: every step trains on all of them
+    /// ([`GradientMatcher::with_step_batches`]).
+    step_slices: Option<Vec<(usize, usize)>>,
 }
 
 /// Relative step of the central difference: eps * |u| = this fraction of |theta|.
@@ -492,10 +496,63 @@ impl<'a> GradientMatcher<'a> {
             loss: MatchingLoss::Cosine,
             refinement: None,
             momentum: 0.0,
+            step_slices: None,
         })
     }
 
-    /// The same matcher refining candidates by [`refine_patches_after_steps`] at `ridge` (see
+    /// The same matcher for local steps on batches of their own ([`crate::LocalBatches::PerStep`]):
+    /// step `s` of the unrolled update trains on the next `sizes[s]` candidate images (and their
+    /// labels) after those of the steps before it, so candidates hold `sizes.iter().sum()` images
+    /// (the patch refinement then takes each image's token gradients from its own step).
+    ///
+    /// # Errors
+    /// [`AttackError::Configuration`] when the matcher does not unroll exactly `sizes.len()` steps.
+    pub fn with_step_batches(mut self, sizes: &[usize]) -> Result<Self> {
+        let steps = self.unroll.map_or(0, |(_, steps)| steps);
+        if steps != sizes.len() {
+            return Err(AttackError::Configuration {
+                attack: self.loss.attack_id(),
+                reason: format!(
+                    "{} step batches given for an update of {steps} unrolled local step(s)",
+                    sizes.len()
+                ),
+            });
+        }
+        let mut first = 0;
+        self.step_slices = Some(
+            sizes
+                .iter()
+                .map(|&size| {
+                    first += size;
+                    (first - size, size)
+                })
+                .collect(),
+        );
+        Ok(self)
+    }
+
+    /// The candidate images and soft labels local step `step` trains on: its own slice for steps on
+    /// batches of their own, all of them otherwise.
+    fn step_inputs(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        step: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        match self
+            .step_slices
+            .as_ref()
+            .and_then(|slices| slices.get(step))
+        {
+            Some(&(first, count)) => Ok((
+                images.narrow(0, first, count)?,
+                labels.narrow(0, first, count)?,
+            )),
+            None => Ok((images.clone(), labels.clone())),
+        }
+    }
+
+    /// The same matcher refining candidates by [`refine_patches_after_steps_on_batches`] at `ridge` (see
     /// [`GradientMatcher::refine`]); for an observed gradient or plain- or momentum-SGD delta with
     /// known labels; a ridge of 0 switches it off.
     pub fn with_patch_refinement(mut self, ridge: f64, labels: &[u32]) -> Self {
@@ -532,8 +589,10 @@ impl<'a> GradientMatcher<'a> {
                 for (step, weight) in weights.into_iter().enumerate() {
                     steps.push((self.params_with(&theta), -lr * weight));
                     if step + 1 < count {
+                        let (step_images, step_labels) =
+                            self.step_inputs(&images.detach(), self.known_labels()?, step)?;
                         let (_, gradient) =
-                            self.first_order(&theta, &images.detach(), false, true)?;
+                            self.first_order(&theta, &step_images, &step_labels, false, true)?;
                         let gradient = gradient.ok_or_else(|| AttackError::Numerical {
                             attack: self.loss.attack_id(),
                             reason: "a first-order pass returned no parameter gradients"
@@ -548,8 +607,19 @@ impl<'a> GradientMatcher<'a> {
                 steps
             }
         };
-        let Some(refined) =
-            refine_patches_after_steps(self.model, self.observed, &steps, images, labels, *ridge)?
+        let step_batches: Option<Vec<usize>> = self
+            .step_slices
+            .as_ref()
+            .map(|slices| slices.iter().map(|&(_, count)| count).collect());
+        let Some(refined) = refine_patches_after_steps_on_batches(
+            self.model,
+            self.observed,
+            &steps,
+            step_batches.as_deref(),
+            images,
+            labels,
+            *ridge,
+        )?
         else {
             return Ok(None);
         };
@@ -588,7 +658,8 @@ impl<'a> GradientMatcher<'a> {
                 // makes candle keep the gradient with respect to the intermediate parameters.
                 let mut current: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
                 let mut velocity: Option<Vec<Tensor>> = None;
-                for _ in 0..steps {
+                for step in 0..steps {
+                    let (step_images, step_labels) = self.step_inputs(images, soft_labels, step)?;
                     let probes: Vec<Var> = current
                         .iter()
                         .map(|t| Var::zeros(t.shape(), t.dtype(), t.device()))
@@ -598,9 +669,9 @@ impl<'a> GradientMatcher<'a> {
                         .zip(&probes)
                         .map(|(t, p)| t + p.as_tensor())
                         .collect::<candle_core::Result<_>>()?;
-                    let loss = self
-                        .model
-                        .loss(&self.params_with(&shifted), images, soft_labels)?;
+                    let loss =
+                        self.model
+                            .loss(&self.params_with(&shifted), &step_images, &step_labels)?;
                     let grads = loss.backward()?;
                     let gradient: Vec<Tensor> = current
                         .iter()
@@ -727,13 +798,14 @@ impl<'a> GradientMatcher<'a> {
     ) -> Result<(f64, Tensor)> {
         let forward = self.input_gradient != InputGradient::CentralDifference;
         let images = images.detach();
+        let labels = self.known_labels()?;
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
         // The parameters before each local step (with, for a forward difference, the input and
         // parameter gradients there), and the simulated update.
         let (trajectory, simulated, lr) = match self.unroll {
             None => {
-                let (input, gradient) = self.first_order(&start, &images, forward, true)?;
+                let (input, gradient) = self.first_order(&start, &images, labels, forward, true)?;
                 let gradient = gradient.unwrap_or_default();
                 // One image-sized tensor: the parameter gradient itself is not a base here (no
                 // parameter products for a single gradient).
@@ -750,8 +822,10 @@ impl<'a> GradientMatcher<'a> {
                 let mut trajectory = Vec::with_capacity(steps);
                 let mut current = start.clone();
                 let mut velocity: Option<Vec<Tensor>> = None;
-                for _ in 0..steps {
-                    let (input, gradient) = self.first_order(&current, &images, forward, true)?;
+                for step in 0..steps {
+                    let (step_images, step_labels) = self.step_inputs(&images, labels, step)?;
+                    let (input, gradient) =
+                        self.first_order(&current, &step_images, &step_labels, forward, true)?;
                     let gradient = gradient.unwrap_or_default();
                     let moved = self.momentum_step(velocity.as_deref(), gradient.clone())?;
                     let step: Vec<Tensor> = moved
@@ -786,7 +860,7 @@ impl<'a> GradientMatcher<'a> {
         let prior = prior.gradient(&images)?;
         let matching_gradient = match lr {
             None => {
-                self.hessian_products(&trajectory[0], &direction, &images, false, side)?
+                self.hessian_products(&trajectory[0], &direction, &images, labels, false, side)?
                     .0
             }
             Some(lr) => {
@@ -794,10 +868,14 @@ impl<'a> GradientMatcher<'a> {
                 // a (of theta) and c (of v), a_S = direction, c_S = 0. Back through step s, with
                 // b = c_{s+1} - lr a_{s+1} (v_{s+1}'s whole adjoint): dM/dx += H_x(theta_s) b,
                 // a_s = a_{s+1} + H_theta(theta_s) b, c_s = m b. Plain SGD (m = 0): b = -lr a_{s+1}.
+                // Steps on batches of their own each give their own images' part (H_x of step s is
+                // zero for the others'), collected back to front and joined in step order.
                 let mut adjoint = direction;
                 let mut velocity_adjoint: Option<Vec<Tensor>> = None;
                 let mut total = images.zeros_like()?;
+                let mut step_parts: Vec<Tensor> = Vec::new();
                 for (step, point) in trajectory.iter().enumerate().rev() {
+                    let (step_images, step_labels) = self.step_inputs(&images, labels, step)?;
                     let scaled: Vec<Tensor> = adjoint
                         .iter()
                         .map(|a| a * -lr)
@@ -806,9 +884,19 @@ impl<'a> GradientMatcher<'a> {
                         Some(c) => add_all(c, &scaled)?,
                         None => scaled,
                     };
-                    let (input, parameters) =
-                        self.hessian_products(point, &carried, &images, step > 0, side)?;
-                    total = (total + input)?;
+                    let (input, parameters) = self.hessian_products(
+                        point,
+                        &carried,
+                        &step_images,
+                        &step_labels,
+                        step > 0,
+                        side,
+                    )?;
+                    if self.step_slices.is_some() {
+                        step_parts.push(input);
+                    } else {
+                        total = (total + input)?;
+                    }
                     if let Some(parameters) = parameters {
                         adjoint = add_all(&adjoint, &parameters)?;
                     }
@@ -821,7 +909,12 @@ impl<'a> GradientMatcher<'a> {
                         );
                     }
                 }
-                total
+                if step_parts.is_empty() {
+                    total
+                } else {
+                    step_parts.reverse();
+                    Tensor::cat(&step_parts, 0)?
+                }
             }
         };
         let gradient = ((matching_gradient * scale)? + prior)?;
@@ -934,13 +1027,15 @@ impl<'a> GradientMatcher<'a> {
         Ok((objective, direction, scale))
     }
 
-    /// One first-order pass of the training loss at parameters `theta` under the matcher's labels:
-    /// the input gradient when `with_input`, the parameter gradient when `with_parameters` (both
-    /// detached; a pass without parameter gradients computes none of the weight products).
+    /// One first-order pass of the training loss at parameters `theta` on `images` under `labels`
+    /// (one-hot or soft rows): the input gradient when `with_input`, the parameter gradient when
+    /// `with_parameters` (both detached; a pass without parameter gradients computes none of the
+    /// weight products).
     fn first_order(
         &self,
         theta: &[Tensor],
         images: &Tensor,
+        labels: &Tensor,
         with_input: bool,
         with_parameters: bool,
     ) -> Result<(Option<Tensor>, Option<Vec<Tensor>>)> {
@@ -948,7 +1043,6 @@ impl<'a> GradientMatcher<'a> {
             input: with_input,
             parameters: with_parameters,
         };
-        let labels = self.known_labels()?;
         if let Some(gradients) =
             self.model
                 .loss_gradients(&self.params_with(theta), images, labels, request)?
@@ -1009,16 +1103,18 @@ impl<'a> GradientMatcher<'a> {
         Ok((input, parameters))
     }
 
-    /// Hessian-vector products of the training loss at a sweep point along `vector`, by finite
-    /// difference: the input part d/dx <grad_theta L, vector> and, when `with_parameters`, the
-    /// parameter part H_theta vector, both from the same first-order passes: at theta + eps vector
-    /// against the point's own gradients (forward; at theta - eps vector when `side` is negative),
-    /// or at theta +/- eps vector (central).
+    /// Hessian-vector products of the training loss on `images` under `labels` (those the point's
+    /// step trained on) at a sweep point along `vector`, by finite difference: the input part d/dx
+    /// <grad_theta L, vector> and, when `with_parameters`, the parameter part H_theta vector, both
+    /// from the same first-order passes: at theta + eps vector against the point's own gradients
+    /// (forward; at theta - eps vector when `side` is negative), or at theta +/- eps vector
+    /// (central).
     fn hessian_products(
         &self,
         point: &SweepPoint,
         vector: &[Tensor],
         images: &Tensor,
+        labels: &Tensor,
         with_parameters: bool,
         side: f64,
     ) -> Result<(Tensor, Option<Vec<Tensor>>)> {
@@ -1049,7 +1145,8 @@ impl<'a> GradientMatcher<'a> {
                 .zip(vector)
                 .map(|(t, v)| t + (v * (sign * eps))?)
                 .collect::<candle_core::Result<_>>()?;
-            let (input, parameters) = self.first_order(&shifted, images, true, with_parameters)?;
+            let (input, parameters) =
+                self.first_order(&shifted, images, labels, true, with_parameters)?;
             Ok((input.unwrap_or(images.zeros_like()?), parameters))
         };
         let ((input_plus, parameters_plus), (input_minus, parameters_minus), step) = match base {
@@ -1180,7 +1277,10 @@ fn zeros_like_all(like: &[Tensor]) -> Result<Vec<Tensor>> {
 /// backward whatever [`InvertingGradientsConfig::input_gradient`] says).
 ///
 /// Applies to a client update or an aggregate (the batch is then clients x batch size images); not to
-/// features or ciphertexts. With known labels and an observed gradient or plain- or momentum-SGD delta (not an
+/// features or ciphertexts. A plain- or momentum-SGD delta whose local steps trained on batches of
+/// their own ([`crate::LocalBatches::PerStep`]) is unrolled with each step on its own slice of the
+/// candidates (`labels` then in that order, step after step, as [`crate::recover_labels`] returns
+/// them), and the patch refinement takes each image's token gradients from its own step. With known labels and an observed gradient or plain- or momentum-SGD delta (not an
 /// adaptive optimizer's), candidates are refined by [`crate::refine_patches_after_steps`] at
 /// [`InvertingGradientsConfig::patch_refinement`] at each of signed Adam's step decays and, after the
 /// restarts, the chosen one's images; the reported objective is then the refined images'.
@@ -1228,6 +1328,11 @@ pub fn invert_gradients(
     )?
     .with_loss(config.loss)
     .with_momentum(momentum);
+    // Local steps on batches of their own: step s unrolls on its own slice of the candidates.
+    let matcher = match (view.step_batches, unroll) {
+        (Some(sizes), Some(_)) => matcher.with_step_batches(sizes)?,
+        _ => matcher,
+    };
     let matcher = match (labels, source) {
         (
             Some(labels),

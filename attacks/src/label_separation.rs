@@ -191,7 +191,10 @@ fn gradient_sign(source: &UpdateSource) -> std::result::Result<f64, String> {
 
 /// Recovers one label per image behind an update, by the strongest label attack that applies: iDLG
 /// ([`infer_label_idlg`]) for one client's single image, [`recover_batch_labels`] for a batch or an
-/// aggregate.
+/// aggregate. For local steps on batches of their own ([`crate::LocalBatches::PerStep`]) the update
+/// tells only the counts over all steps, not which step held which label: the labels come back
+/// dealt out over the steps in turn ([`deal_labels_over_steps`]), in the order of the update's images
+/// that [`crate::invert_gradients`] takes them in.
 ///
 /// # Errors
 /// As those attacks.
@@ -201,11 +204,56 @@ pub fn recover_labels(
     config: &LabelCountConfig,
     reference: Option<&ReferenceImages>,
 ) -> Result<LabelOutcome> {
-    if matches!(observation, Observation::ClientUpdate { batch_size: 1, .. }) {
-        infer_label_idlg(observation, model)
-    } else {
-        recover_batch_labels(observation, model, config, reference)
+    let view = observation.update_view().ok();
+    if matches!(observation, Observation::ClientUpdate { .. })
+        && view.is_some_and(|view| view.images == 1)
+    {
+        return infer_label_idlg(observation, model);
     }
+    let outcome = recover_batch_labels(observation, model, config, reference)?;
+    Ok(match (outcome, view.and_then(|view| view.step_batches)) {
+        (LabelOutcome::Recovered(mut recovery), Some(sizes)) => {
+            recovery.labels = deal_labels_over_steps(&recovery.labels, sizes);
+            LabelOutcome::Recovered(recovery)
+        }
+        (outcome, _) => outcome,
+    })
+}
+
+/// Sorted `labels` dealt out like cards over local steps with batches of `sizes` images (the first
+/// label to step 0, the next to step 1, ..., skipping full steps), returned step after step: the
+/// guess that spreads every class as evenly over the steps as the counts allow, when only the counts
+/// over all steps are known. Labels beyond the steps' total are dropped; missing ones are not made
+/// up.
+///
+/// ```
+/// use fedleak_attacks::deal_labels_over_steps;
+/// // Three of class 0 and three of class 1 over three steps of two images.
+/// assert_eq!(deal_labels_over_steps(&[0, 0, 0, 1, 1, 1], &[2, 2, 2]), vec![0, 1, 0, 1, 0, 1]);
+/// // A shorter last step (an epoch's remainder).
+/// assert_eq!(deal_labels_over_steps(&[0, 0, 1, 1, 1], &[2, 2, 1]), vec![0, 1, 0, 1, 1]);
+/// ```
+pub fn deal_labels_over_steps(labels: &[u32], sizes: &[usize]) -> Vec<u32> {
+    let mut sorted = labels.to_vec();
+    sorted.sort_unstable();
+    let mut steps: Vec<Vec<u32>> = sizes.iter().map(|&n| Vec::with_capacity(n)).collect();
+    let mut next = sorted.into_iter();
+    'dealing: loop {
+        let mut dealt = false;
+        for (step, &size) in steps.iter_mut().zip(sizes) {
+            if step.len() < size {
+                let Some(label) = next.next() else {
+                    break 'dealing;
+                };
+                step.push(label);
+                dealt = true;
+            }
+        }
+        if !dealt {
+            break;
+        }
+    }
+    steps.concat()
 }
 
 /// Recovers the labels of the images behind an update: those [`separate_batch_labels`] separates,

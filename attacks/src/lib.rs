@@ -40,17 +40,20 @@ pub use inverting_gradients::{
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use label_separation::{
-    recover_batch_labels, recover_labels, separate_batch_labels, SeparatedLabels, Separation,
+    deal_labels_over_steps, recover_batch_labels, recover_labels, separate_batch_labels,
+    SeparatedLabels, Separation,
 };
 pub use linear::{invert_linear_layer, recover_classifier_input, FeatureOutcome, FeatureRecovery};
 pub use model::{
     one_hot, ClassifierBlockLayout, ClassifierLayout, GradientRequest, LossGradients, ParamMap,
     PatchEmbeddingLayout, TargetModel,
 };
-pub use observation::{momentum_gradient_weights, Observation, UpdateSource, UpdateView};
+pub use observation::{
+    momentum_gradient_weights, LocalBatches, Observation, UpdateSource, UpdateView,
+};
 pub use patch_refinement::{
-    refine_patches, refine_patches_after_steps, BATCH_PATCH_REFINEMENT,
-    SINGLE_IMAGE_PATCH_REFINEMENT,
+    refine_patches, refine_patches_after_steps, refine_patches_after_steps_on_batches,
+    BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
 };
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};

@@ -100,6 +100,7 @@ pub fn recover_classifier_input(
             update,
             source,
             batch_size,
+            ..
         } => {
             if *batch_size != 1 {
                 return not_applicable(format!(

@@ -40,6 +40,18 @@ pub enum UpdateSource {
     },
 }
 
+/// Which images the local steps of a client's update trained on, as far as the attacker knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalBatches {
+    /// Every step trained on the same batch: a gradient, one step, or a client that holds no more
+    /// images than a batch.
+    Repeated,
+    /// Step `s` trained on a batch of its own of `sizes[s]` images: a client that holds more images
+    /// than a batch. Which images those were is unknown; an attack reconstructs one image per slot
+    /// (`sizes.iter().sum()` of them, an image drawn by two steps counting twice).
+    PerStep(Vec<usize>),
+}
+
 /// What an attacker holds.
 #[derive(Debug, Clone)]
 pub enum Observation {
@@ -51,6 +63,8 @@ pub enum Observation {
         source: UpdateSource,
         /// Images per local batch (the number of images to reconstruct for FedSGD).
         batch_size: usize,
+        /// Which images each local step trained on.
+        local_batches: LocalBatches,
     },
     /// The (sample-weighted) average of several clients' updates: all a secure-aggregation server sees.
     Aggregate {
@@ -82,8 +96,13 @@ pub struct UpdateView<'a> {
     pub update: &'a ParamMap,
     /// How each client produced its update.
     pub source: &'a UpdateSource,
-    /// Number of images behind the update (clients x batch size).
+    /// Number of images behind the update (clients x batch size; for local steps on batches of
+    /// their own, the sum of the steps' batch sizes).
     pub images: usize,
+    /// For local steps on batches of their own, each step's batch size, in step order (the
+    /// update's images are those batches one after the other); `None` when every step trained on
+    /// the same images.
+    pub step_batches: Option<&'a [usize]>,
 }
 
 /// The weight `c_s = sum_{t = s}^{S-1} momentum^(t - s)` of each of `steps` local steps' gradients in
@@ -144,9 +163,14 @@ impl Observation {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
-    /// use fedleak_attacks::{Observation, ParamMap, UpdateSource};
+    /// use fedleak_attacks::{LocalBatches, Observation, ParamMap, UpdateSource};
     /// let update = ParamMap::from([("w".to_string(), Tensor::new(&[1f32, 2.], &Device::Cpu)?)]);
-    /// let observation = Observation::ClientUpdate { update, source: UpdateSource::Gradient, batch_size: 1 };
+    /// let observation = Observation::ClientUpdate {
+    ///     update,
+    ///     source: UpdateSource::Gradient,
+    ///     batch_size: 1,
+    ///     local_batches: LocalBatches::Repeated,
+    /// };
     /// let Observation::ClientUpdate { update, .. } = observation.to_dtype(DType::F64)? else { unreachable!() };
     /// assert_eq!(update["w"].dtype(), DType::F64);
     /// # Ok::<(), fedleak_attacks::AttackError>(())
@@ -179,10 +203,20 @@ impl Observation {
                 update,
                 source,
                 batch_size,
-            } => Ok(UpdateView {
-                update,
-                source,
-                images: *batch_size,
+                local_batches,
+            } => Ok(match local_batches {
+                LocalBatches::PerStep(sizes) if sizes.len() > 1 => UpdateView {
+                    update,
+                    source,
+                    images: sizes.iter().sum(),
+                    step_batches: Some(sizes),
+                },
+                _ => UpdateView {
+                    update,
+                    source,
+                    images: *batch_size,
+                    step_batches: None,
+                },
             }),
             Observation::Aggregate {
                 update,
@@ -193,6 +227,7 @@ impl Observation {
                 update,
                 source,
                 images: clients * batch_size,
+                step_batches: None,
             }),
             Observation::Features { .. } => Err(
                 "features are observed in the clear; there is no gradient to invert".to_string(),

@@ -110,6 +110,27 @@ pub fn refine_patches_after_steps(
     labels: &[u32],
     ridge: f64,
 ) -> Result<Option<Tensor>> {
+    refine_patches_after_steps_on_batches(model, update, steps, None, images, labels, ridge)
+}
+
+/// [`refine_patches_after_steps`] where each local step may have trained on a batch of its own
+/// ([`crate::LocalBatches::PerStep`]): with `step_batches`, step `s` took its gradient on the next
+/// `step_batches[s]` of `images` (and `labels`) after those of the steps before it, so each image's
+/// patches enter the delta through its own step's token gradients only (`sum_s f_s G_s^T X_s`);
+/// `None`: every step on all of `images`.
+///
+/// # Errors
+/// As [`refine_patches`]; [`AttackError::Configuration`] when `step_batches` does not give one
+/// batch per step or does not add up to the images.
+pub fn refine_patches_after_steps_on_batches(
+    model: &dyn TargetModel,
+    update: &ParamMap,
+    steps: &[(ParamMap, f64)],
+    step_batches: Option<&[usize]>,
+    images: &Tensor,
+    labels: &[u32],
+    ridge: f64,
+) -> Result<Option<Tensor>> {
     let Some(layout) = model.patch_embedding() else {
         return Ok(None);
     };
@@ -119,21 +140,52 @@ pub fn refine_patches_after_steps(
         return Ok(None);
     }
     let batch = images.dim(0)?;
+    if let Some(sizes) = step_batches {
+        if sizes.len() != steps.len() || sizes.iter().sum::<usize>() != batch {
+            return Err(AttackError::Configuration {
+                attack: ATTACK,
+                reason: format!(
+                    "step batches {sizes:?} for {} step(s) and {batch} image(s)",
+                    steps.len()
+                ),
+            });
+        }
+    }
     let targets = one_hot(labels, model.num_classes(), images.dtype(), images.device())?;
-    // The steps' token gradients, each with its factor, summed: the delta's product with X.
+    // The steps' token gradients, each with its factor: summed when every step saw all images,
+    // one after the other (each step's own images) otherwise. Either way the delta's product with X.
     let mut summed: Option<Tensor> = None;
-    for (parameters, factor) in steps {
-        let Some(tokens) = model.token_gradients(parameters, images, &targets)? else {
+    let mut own: Vec<Tensor> = Vec::new();
+    let mut first = 0;
+    for (step, (parameters, factor)) in steps.iter().enumerate() {
+        let (step_images, step_targets) = match step_batches {
+            Some(sizes) => {
+                let slice = (
+                    images.narrow(0, first, sizes[step])?,
+                    targets.narrow(0, first, sizes[step])?,
+                );
+                first += sizes[step];
+                slice
+            }
+            None => (images.clone(), targets.clone()),
+        };
+        let Some(tokens) = model.token_gradients(parameters, &step_images, &step_targets)? else {
             return Ok(None);
         };
         let tokens = (tokens * *factor)?;
+        if step_batches.is_some() {
+            own.push(tokens);
+            continue;
+        }
         summed = Some(match summed {
             Some(sum) => (sum + tokens)?,
             None => tokens,
         });
     }
-    let Some(tokens) = summed else {
-        return Ok(None);
+    let tokens = match summed {
+        Some(tokens) => tokens,
+        None if !own.is_empty() => Tensor::cat(&own, 0)?,
+        None => return Ok(None),
     };
     let k = c * p * p;
     let n = (h / p) * (w / p);

@@ -1,7 +1,7 @@
 //! What the honest-but-curious server observes of a captured plain (unprotected) upload.
 
 use candle_core::{DType, Device, Tensor};
-use fedleak_attacks::{Observation, UpdateSource};
+use fedleak_attacks::{LocalBatches, Observation, UpdateSource};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{load_data, DataSpec};
@@ -81,12 +81,28 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             capture.origin
         );
     }
+    let step_batches = meta.step_batch_sizes();
+    if let Some(sizes) = &step_batches {
+        tracing::info!(
+            "{}: {} local steps drew batches of their own from {} images; the optimisation \
+             attacks unroll each step on its own candidates, {} in all (an image drawn twice is \
+             reconstructed twice)",
+            capture.origin,
+            sizes.len(),
+            meta.num_samples,
+            sizes.iter().sum::<usize>()
+        );
+    }
     // An aggregate of one client is that client's update: every single-input attack applies to it.
     Ok(if meta.aggregate_of.len() <= 1 {
         Observation::ClientUpdate {
             update,
             source,
             batch_size: meta.batch_size,
+            local_batches: match step_batches {
+                Some(sizes) => LocalBatches::PerStep(sizes),
+                None => LocalBatches::Repeated,
+            },
         }
     } else {
         Observation::Aggregate {

@@ -668,8 +668,9 @@ pub fn run_audit(
                         batch_size: private.1.len(),
                         ..base_row.clone()
                     };
-                    // The optimisation attacks unroll a delta's local steps on one batch; an
-                    // update whose steps drew different batches is beyond them (not a defence).
+                    // The optimisation attacks unroll one client's local steps on batches of
+                    // their own, not an aggregate of several clients' such steps: that is beyond
+                    // them (not a defence).
                     if let Some(unmodelled) = capture
                         .meta
                         .unmodelled_local_batches()

@@ -57,6 +57,11 @@ pub struct CaptureMeta {
     pub weight_decay: f64,
     /// Number of local optimizer steps taken (1 for FedSGD).
     pub local_steps: usize,
+    /// FedAvg by local epochs: how many (each a pass over the client's images in batches, the last
+    /// batch of a pass holding the remainder); absent for a fixed number of local steps (each a
+    /// batch drawn afresh) and for FedSGD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_epochs: Option<usize>,
     /// Images per local batch.
     pub batch_size: usize,
     /// The client's number of training images (its aggregation weight).
@@ -99,15 +104,50 @@ impl CaptureMeta {
             && self.num_samples > self.batch_size * self.aggregate_of.len().max(1)
     }
 
+    /// For one client's update whose local steps went through different batches
+    /// ([`CaptureMeta::local_batches_differ`]), each step's batch size in step order, as the attacker
+    /// derives it from the protocol: a batch of `batch_size` per step for a fixed number of steps;
+    /// for local epochs, each pass's batches, the last one holding the remainder. `None` for an
+    /// aggregate of several clients and for updates whose steps all saw one batch.
+    ///
+    /// ```
+    /// let text = r#"{"round": 1, "client": 0, "algorithm": "fedavg", "update_kind": "weight_delta",
+    ///     "optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "local_steps": 4,
+    ///     "batch_size": 4, "num_samples": 10, "scheme": "none", "seed": 1, "upload_bytes": 0}"#;
+    /// let mut meta: fedleak::fl::CaptureMeta = serde_json::from_str(text).unwrap();
+    /// assert_eq!(meta.step_batch_sizes(), Some(vec![4, 4, 4, 4]));
+    /// meta.local_steps = 6; // two epochs over 10 images in batches of 4
+    /// meta.local_epochs = Some(2);
+    /// assert_eq!(meta.step_batch_sizes(), Some(vec![4, 4, 2, 4, 4, 2]));
+    /// ```
+    pub fn step_batch_sizes(&self) -> Option<Vec<usize>> {
+        if self.aggregate_of.len() > 1 || !self.local_batches_differ() {
+            return None;
+        }
+        let (held, batch) = (self.num_samples, self.batch_size);
+        let pass: Vec<usize> = (0..held.div_ceil(batch))
+            .map(|k| batch.min(held - k * batch))
+            .collect();
+        Some(match self.local_epochs {
+            Some(epochs) if epochs * pass.len() == self.local_steps => pass.repeat(epochs),
+            _ => vec![batch; self.local_steps],
+        })
+    }
+
     /// What the optimisation attacks cannot model in this update, for warnings and report rows:
-    /// `Some` exactly when [`CaptureMeta::local_batches_differ`].
+    /// `Some` for an aggregate of several clients whose local steps went through different batches
+    /// ([`CaptureMeta::local_batches_differ`]; one client's such update is unrolled step by step on
+    /// batches of their own, see [`CaptureMeta::step_batch_sizes`]).
     pub fn unmodelled_local_batches(&self) -> Option<String> {
-        self.local_batches_differ().then(|| {
+        (self.aggregate_of.len() > 1 && self.local_batches_differ()).then(|| {
             format!(
-                "{} local steps drew different batches of {} from {} images; Inverting Gradients \
-                 and DLG unroll every step on one batch, which does not describe this update (one \
-                 batch per step is not modelled yet)",
-                self.local_steps, self.batch_size, self.num_samples
+                "{} local steps of {} clients drew different batches of {} from their {} images; \
+                 Inverting Gradients and DLG unroll each step on a batch of its own for one \
+                 client's update, not for an aggregate of several clients' steps",
+                self.local_steps,
+                self.aggregate_of.len(),
+                self.batch_size,
+                self.num_samples
             )
         })
     }

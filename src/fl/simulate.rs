@@ -487,6 +487,10 @@ impl CaptureContext<'_> {
             momentum: fl.momentum,
             weight_decay: fl.weight_decay,
             local_steps: first.len(),
+            local_epochs: match (fl.algorithm, fl.local_work()) {
+                (Algorithm::Fedavg, LocalWork::Epochs(epochs)) => Some(epochs),
+                _ => None,
+            },
             batch_size: first.first().map(Vec::len).unwrap_or(0),
             num_samples: members.iter().map(|m| m.samples).sum(),
             scheme: self.scheme.id().to_string(),

@@ -63,7 +63,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 use fedleak_attacks::{
     invert_features, one_hot, recover_classifier_input, AttackError, AttackOutcome,
-    FeatureInversionConfig, FeatureOutcome, Observation, TargetModel, UpdateSource,
+    FeatureInversionConfig, FeatureOutcome, LocalBatches, Observation, TargetModel, UpdateSource,
 };
 use fedleak_metrics::{score_pair, ImageDims, Score};
 use rand::rngs::StdRng;
@@ -1145,6 +1145,7 @@ fn invert_single_images(
             update,
             source: UpdateSource::Gradient,
             batch_size: 1,
+            local_batches: LocalBatches::Repeated,
         };
         let recovered = match recover_classifier_input(&observation, target)? {
             FeatureOutcome::Recovered(r) => r.features,
