@@ -449,6 +449,59 @@ fn local_steps_on_batches_of_their_own_are_unrolled_per_slice_exactly_and_by_the
 }
 
 #[test]
+fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels() {
+    // Step 0 trained on images 1 and 5 (labels 2 and 0), step 1 on image 6 (label 1). The label
+    // counts do not say which step held which label: the attacker's guess puts label 1 in step 0
+    // and label 0 in step 1, with the images that go with them. Swapping those two candidates
+    // (image and label) is what explains the update.
+    let cfg = small_config(PositionEmbeddingKind::Sincos);
+    let model = target(&cfg);
+    let (lr, sizes) = (0.5, [2usize, 1]);
+    let (a, b, c) = (image(&cfg, 1), image(&cfg, 5), image(&cfg, 6));
+    let first = Tensor::cat(&[&a, &b], 0).unwrap();
+    let observed = per_step_delta(&model, &[(first, vec![2, 0]), (c.clone(), vec![1])], lr);
+    let guessed = Tensor::cat(&[&a, &c, &b], 0).unwrap();
+    let matcher = GradientMatcher::new(
+        &model,
+        &observed,
+        Some((lr, 2)),
+        Some(&[2, 1, 0]),
+        ImagePrior::default(),
+        InputGradient::ForwardDifference,
+    )
+    .unwrap()
+    .with_step_batches(&sizes)
+    .unwrap();
+    let before = matcher
+        .matching(&guessed)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let (order, labels) = matcher
+        .rearranged_steps(&guessed)
+        .unwrap()
+        .expect("a swap lowers the objective");
+    println!("objective {before:e} before; order {order:?}, labels {labels:?}");
+    assert!(before > 1e-3, "{before:e}");
+    assert_eq!(order, vec![0, 2, 1]);
+    assert_eq!(labels, vec![2, 0, 1]);
+    // From the right arrangement no swap helps.
+    let right = GradientMatcher::new(
+        &model,
+        &observed,
+        Some((lr, 2)),
+        Some(&labels),
+        ImagePrior::default(),
+        InputGradient::ForwardDifference,
+    )
+    .unwrap()
+    .with_step_batches(&sizes)
+    .unwrap();
+    let truth = Tensor::cat(&[&a, &b, &c], 0).unwrap();
+    assert!(right.rearranged_steps(&truth).unwrap().is_none());
+}
+
+#[test]
 fn step_batches_for_another_number_of_steps_are_refused() {
     let cfg = small_config(PositionEmbeddingKind::Sincos);
     let model = target(&cfg);

@@ -372,6 +372,7 @@ const NEGLIGIBLE_NORM: f64 = 1e-6;
 ///
 /// Holds what the attacker matches against (the observed update, how to simulate it, the labels); what
 /// `fedleak bench --step attack` times is exactly [`GradientMatcher::objective_and_gradient`].
+#[derive(Clone)]
 pub struct GradientMatcher<'a> {
     model: &'a dyn TargetModel,
     observed: &'a ParamMap,
@@ -529,6 +530,110 @@ impl<'a> GradientMatcher<'a> {
                 .collect(),
         );
         Ok(self)
+    }
+
+    /// The same matcher under other known labels (one per candidate image, in the candidates'
+    /// order), for the matching and the patch refinement alike.
+    fn with_known_labels(mut self, labels: &[u32]) -> Result<Self> {
+        self.soft_labels = Some(one_hot(
+            labels,
+            self.model.num_classes(),
+            self.dtype,
+            &self.device,
+        )?);
+        if let Some((_, refined_labels)) = &mut self.refinement {
+            *refined_labels = labels.to_vec();
+        }
+        Ok(self)
+    }
+
+    /// For local steps on batches of their own under known labels, which step's batch each
+    /// candidate (an image with its label) belongs to is a guess: the counts over all steps are all
+    /// the update tells of the labels ([`crate::deal_labels_over_steps`]). This searches, greedily,
+    /// over swaps of two candidates of different steps and different labels (which changes the
+    /// steps' label counts), keeping each swap that lowers the matching objective. Returns the new
+    /// order of the candidates (position `k` takes candidate `order[k]`) and its labels, or `None`
+    /// when no swap helps or the search does not apply. Costs one first-order unroll per swap
+    /// tried. Inverting Gradients runs it at an eighth of its iterations and at each step decay.
+    pub fn rearranged_steps(&self, images: &Tensor) -> Result<Option<(Vec<usize>, Vec<u32>)>> {
+        let (Some(slices), Some(soft_labels)) = (&self.step_slices, &self.soft_labels) else {
+            return Ok(None);
+        };
+        let labels = soft_labels.argmax(1)?.to_vec1::<u32>()?;
+        let step_of: Vec<usize> = slices
+            .iter()
+            .enumerate()
+            .flat_map(|(step, &(_, count))| std::iter::repeat_n(step, count))
+            .collect();
+        let images = images.detach();
+        let objective_of = |order: &[usize]| -> Result<f64> {
+            let index = Tensor::new(
+                order.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+                &self.device,
+            )?;
+            let simulated = self.simulate_first_order(
+                &images.index_select(&index, 0)?,
+                &soft_labels.index_select(&index, 0)?,
+            )?;
+            let (objective, _, scale) = self.objective_and_direction(&simulated)?;
+            Ok(objective * scale)
+        };
+        let mut order: Vec<usize> = (0..step_of.len()).collect();
+        let mut best = objective_of(&order)?;
+        let mut moved = false;
+        for i in 0..order.len() {
+            for j in i + 1..order.len() {
+                if step_of[i] == step_of[j] || labels[order[i]] == labels[order[j]] {
+                    continue;
+                }
+                order.swap(i, j);
+                let objective = objective_of(&order)?;
+                if objective < best {
+                    best = objective;
+                    moved = true;
+                } else {
+                    order.swap(i, j);
+                }
+            }
+        }
+        Ok(moved.then(|| {
+            let labels = order.iter().map(|&k| labels[k]).collect();
+            (order, labels)
+        }))
+    }
+
+    /// The update `images` under `labels` would produce, by first-order passes only (no graph kept).
+    fn simulate_first_order(&self, images: &Tensor, labels: &Tensor) -> Result<Vec<Tensor>> {
+        let base = self.model.parameters();
+        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+        let missing = || AttackError::Numerical {
+            attack: self.loss.attack_id(),
+            reason: "a first-order pass returned no parameter gradients".to_string(),
+        };
+        let Some((lr, steps)) = self.unroll else {
+            let (_, gradient) = self.first_order(&start, images, labels, false, true)?;
+            return gradient.ok_or_else(missing);
+        };
+        let mut current = start.clone();
+        let mut velocity: Option<Vec<Tensor>> = None;
+        for step in 0..steps {
+            let (step_images, step_labels) = self.step_inputs(images, labels, step)?;
+            let (_, gradient) =
+                self.first_order(&current, &step_images, &step_labels, false, true)?;
+            let (next, moved) = self.sgd_step(
+                &current,
+                velocity.as_deref(),
+                gradient.ok_or_else(missing)?,
+                lr,
+            )?;
+            current = next;
+            velocity = Some(moved);
+        }
+        Ok(current
+            .iter()
+            .zip(&start)
+            .map(|(end, begin)| end - begin)
+            .collect::<candle_core::Result<_>>()?)
     }
 
     /// The candidate images and soft labels local step `step` trains on: its own slice for steps on
@@ -1361,6 +1466,7 @@ pub fn invert_gradients(
             Ok(Candidate {
                 images: Tensor::from_vec(init, (batch, c, h, w), &device)?.to_dtype(dtype)?,
                 label_logits,
+                labels: None,
             })
         })
         .collect::<Result<_>>()?;
@@ -1398,13 +1504,19 @@ pub fn invert_gradients(
     let mut images = best.images.clamp(0.0, 1.0)?;
     let labels = match (labels, &best.label_logits) {
         (Some(labels), _) => {
+            // Labels the restart moved between local steps with their images replace the given
+            // order (the same labels, in other steps).
+            let (matcher, labels) = match &best.labels {
+                Some(moved) => (matcher.clone().with_known_labels(moved)?, moved.clone()),
+                None => (matcher, labels.to_vec()),
+            };
             // The restart is chosen by the matching objective first; the refinement then moves its
             // images, and the reported objective is that of the refined images.
             if let Some((refined, refined_objective)) = matcher.refine(&images)? {
                 objective = refined_objective;
                 images = refined;
             }
-            labels.to_vec()
+            labels
         }
         (None, Some(logits)) => logits.argmax(1)?.to_vec1::<u32>()?,
         (None, None) => unreachable!("joint restarts carry label logits"),
@@ -1426,6 +1538,9 @@ pub fn invert_gradients(
 struct Candidate {
     images: Tensor,
     label_logits: Option<Tensor>,
+    /// Known labels moved with their images between local steps by
+    /// [`GradientMatcher::rearranged_steps`]; `None`: the matcher's own.
+    labels: Option<Vec<u32>>,
 }
 
 /// Row-wise softmax built from elementary operations (twice differentiable in candle).
@@ -1473,11 +1588,31 @@ fn signed_adam(
     let mut v = m.clone();
     let mut last = f64::INFINITY;
     let milestones = [3, 5, 7].map(|k| config.iterations * k / 8);
+    // For local steps on batches of their own, the candidates are moved between steps (with their
+    // labels) at an eighth of the way and at each step decay, when that lowers the objective.
+    let rearrangements = [1, 3, 5, 7].map(|k| config.iterations * k / 8);
+    let mut rearranged: Option<(GradientMatcher, Vec<u32>)> = None;
     let candidate = |parts: &[Tensor]| Candidate {
         images: parts[0].clone(),
         label_logits: parts.get(1).cloned(),
+        labels: None,
     };
     for step in 1..=config.iterations {
+        // Known labels only: jointly optimised ones (label logits in `parts`) are not moved.
+        if parts.len() == 1 && rearrangements.contains(&(step - 1)) {
+            let current = rearranged.as_ref().map_or(matcher, |(m, _)| m);
+            if let Some((order, labels)) = current.rearranged_steps(&parts[0])? {
+                let index = Tensor::new(
+                    order.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+                    parts[0].device(),
+                )?;
+                parts[0] = parts[0].index_select(&index, 0)?;
+                m[0] = m[0].index_select(&index, 0)?;
+                v[0] = v[0].index_select(&index, 0)?;
+                rearranged = Some((current.clone().with_known_labels(&labels)?, labels));
+            }
+        }
+        let matcher = rearranged.as_ref().map_or(matcher, |(m, _)| m);
         if milestones.contains(&(step - 1)) {
             // At each step decay the images are refined (when the matcher refines): the smaller
             // steps that follow start from there.
@@ -1504,7 +1639,13 @@ fn signed_adam(
             };
         }
     }
-    Ok((last, candidate(&parts)))
+    Ok((
+        last,
+        Candidate {
+            labels: rearranged.map(|(_, labels)| labels),
+            ..candidate(&parts)
+        },
+    ))
 }
 
 /// One evaluation for L-BFGS: the matching objective, matching + prior, and the latter's gradient, at
@@ -1543,6 +1684,7 @@ fn lbfgs(
                 .as_ref()
                 .map(|shape| tensor(&values[pixels..], shape))
                 .transpose()?,
+            labels: None,
         })
     };
     let flat =
