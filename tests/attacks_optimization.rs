@@ -449,7 +449,8 @@ fn local_steps_on_batches_of_their_own_are_unrolled_per_slice_exactly_and_by_the
 }
 
 #[test]
-fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels() {
+fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels_and_miscounted_labels_fixed(
+) {
     // Step 0 trained on images 1 and 5 (labels 2 and 0), step 1 on image 6 (label 1). The label
     // counts do not say which step held which label: the attacker's guess puts label 1 in step 0
     // and label 0 in step 1, with the images that go with them. Swapping those two candidates
@@ -478,7 +479,7 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels() {
         .to_scalar::<f64>()
         .unwrap();
     let (order, labels) = matcher
-        .rearranged_steps(&guessed)
+        .rearranged_candidates(&guessed)
         .unwrap()
         .expect("a swap lowers the objective");
     println!("objective {before:e} before; order {order:?}, labels {labels:?}");
@@ -498,7 +499,24 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels() {
     .with_step_batches(&sizes)
     .unwrap();
     let truth = Tensor::cat(&[&a, &b, &c], 0).unwrap();
-    assert!(right.rearranged_steps(&truth).unwrap().is_none());
+    assert!(right.rearranged_candidates(&truth).unwrap().is_none());
+    // Counts that are off by one (a second label 0 for image 6): relabelled.
+    let miscounted = GradientMatcher::new(
+        &model,
+        &observed,
+        Some((lr, 2)),
+        Some(&[2, 0, 0]),
+        ImagePrior::default(),
+        InputGradient::ForwardDifference,
+    )
+    .unwrap()
+    .with_step_batches(&sizes)
+    .unwrap();
+    let (order, labels) = miscounted
+        .rearranged_candidates(&truth)
+        .unwrap()
+        .expect("a relabelling lowers the objective");
+    assert_eq!((order, labels), (vec![0, 1, 2], vec![2, 0, 1]));
 }
 
 #[test]

@@ -549,57 +549,72 @@ impl<'a> GradientMatcher<'a> {
 
     /// For local steps on batches of their own under known labels, which step's batch each
     /// candidate (an image with its label) belongs to is a guess: the counts over all steps are all
-    /// the update tells of the labels ([`crate::deal_labels_over_steps`]). This searches, greedily,
-    /// over swaps of two candidates of different steps and different labels (which changes the
-    /// steps' label counts), keeping each swap that lowers the matching objective. Returns the new
-    /// order of the candidates (position `k` takes candidate `order[k]`) and its labels, or `None`
-    /// when no swap helps or the search does not apply. Costs one first-order unroll per swap
-    /// tried. Inverting Gradients runs it at an eighth of its iterations and at each step decay.
-    pub fn rearranged_steps(&self, images: &Tensor) -> Result<Option<(Vec<usize>, Vec<u32>)>> {
+    /// the update tells of the labels ([`crate::deal_labels_over_steps`]), and on a multi-step
+    /// delta they are estimates (a 4-step delta of one image per step at the initial weights: 1 of
+    /// 4 labels wrong). This searches greedily, keeping each move that lowers the matching
+    /// objective: first swaps of two candidates of different steps and different labels (which
+    /// changes the steps' label counts), then each candidate's label set to each other class.
+    /// Returns the new order of the candidates (position `k` takes candidate `order[k]`) and the
+    /// labels of the positions, or `None` when no move helps or the search does not apply. Costs
+    /// one first-order unroll per move tried. Inverting Gradients runs it at an eighth of its
+    /// iterations and at each step decay.
+    pub fn rearranged_candidates(&self, images: &Tensor) -> Result<Option<(Vec<usize>, Vec<u32>)>> {
         let (Some(slices), Some(soft_labels)) = (&self.step_slices, &self.soft_labels) else {
             return Ok(None);
         };
-        let labels = soft_labels.argmax(1)?.to_vec1::<u32>()?;
+        let mut labels = soft_labels.argmax(1)?.to_vec1::<u32>()?;
         let step_of: Vec<usize> = slices
             .iter()
             .enumerate()
             .flat_map(|(step, &(_, count))| std::iter::repeat_n(step, count))
             .collect();
         let images = images.detach();
-        let objective_of = |order: &[usize]| -> Result<f64> {
+        let classes = self.model.num_classes() as u32;
+        let objective_of = |order: &[usize], labels: &[u32]| -> Result<f64> {
             let index = Tensor::new(
                 order.iter().map(|&k| k as u32).collect::<Vec<_>>(),
                 &self.device,
             )?;
-            let simulated = self.simulate_first_order(
-                &images.index_select(&index, 0)?,
-                &soft_labels.index_select(&index, 0)?,
-            )?;
+            let targets = one_hot(labels, classes as usize, self.dtype, &self.device)?;
+            let simulated =
+                self.simulate_first_order(&images.index_select(&index, 0)?, &targets)?;
             let (objective, _, scale) = self.objective_and_direction(&simulated)?;
             Ok(objective * scale)
         };
         let mut order: Vec<usize> = (0..step_of.len()).collect();
-        let mut best = objective_of(&order)?;
+        let mut best = objective_of(&order, &labels)?;
         let mut moved = false;
         for i in 0..order.len() {
             for j in i + 1..order.len() {
-                if step_of[i] == step_of[j] || labels[order[i]] == labels[order[j]] {
+                if step_of[i] == step_of[j] || labels[i] == labels[j] {
                     continue;
                 }
                 order.swap(i, j);
-                let objective = objective_of(&order)?;
+                labels.swap(i, j);
+                let objective = objective_of(&order, &labels)?;
                 if objective < best {
                     best = objective;
                     moved = true;
                 } else {
                     order.swap(i, j);
+                    labels.swap(i, j);
                 }
             }
         }
-        Ok(moved.then(|| {
-            let labels = order.iter().map(|&k| labels[k]).collect();
-            (order, labels)
-        }))
+        for k in 0..order.len() {
+            let given = labels[k];
+            for class in (0..classes).filter(|&c| c != given) {
+                let kept = std::mem::replace(&mut labels[k], class);
+                let objective = objective_of(&order, &labels)?;
+                if objective < best {
+                    best = objective;
+                    moved = true;
+                } else {
+                    labels[k] = kept;
+                }
+            }
+        }
+        Ok(moved.then_some((order, labels)))
     }
 
     /// The update `images` under `labels` would produce, by first-order passes only (no graph kept).
@@ -1504,8 +1519,8 @@ pub fn invert_gradients(
     let mut images = best.images.clamp(0.0, 1.0)?;
     let labels = match (labels, &best.label_logits) {
         (Some(labels), _) => {
-            // Labels the restart moved between local steps with their images replace the given
-            // order (the same labels, in other steps).
+            // Labels the restart moved between local steps with their images, or changed, replace
+            // the given ones.
             let (matcher, labels) = match &best.labels {
                 Some(moved) => (matcher.clone().with_known_labels(moved)?, moved.clone()),
                 None => (matcher, labels.to_vec()),
@@ -1538,8 +1553,8 @@ pub fn invert_gradients(
 struct Candidate {
     images: Tensor,
     label_logits: Option<Tensor>,
-    /// Known labels moved with their images between local steps by
-    /// [`GradientMatcher::rearranged_steps`]; `None`: the matcher's own.
+    /// Known labels moved with their images between local steps, or changed, by
+    /// [`GradientMatcher::rearranged_candidates`]; `None`: the matcher's own.
     labels: Option<Vec<u32>>,
 }
 
@@ -1589,7 +1604,8 @@ fn signed_adam(
     let mut last = f64::INFINITY;
     let milestones = [3, 5, 7].map(|k| config.iterations * k / 8);
     // For local steps on batches of their own, the candidates are moved between steps (with their
-    // labels) at an eighth of the way and at each step decay, when that lowers the objective.
+    // labels) and relabelled at an eighth of the way and at each step decay, when that lowers the
+    // objective.
     let rearrangements = [1, 3, 5, 7].map(|k| config.iterations * k / 8);
     let mut rearranged: Option<(GradientMatcher, Vec<u32>)> = None;
     let candidate = |parts: &[Tensor]| Candidate {
@@ -1601,7 +1617,7 @@ fn signed_adam(
         // Known labels only: jointly optimised ones (label logits in `parts`) are not moved.
         if parts.len() == 1 && rearrangements.contains(&(step - 1)) {
             let current = rearranged.as_ref().map_or(matcher, |(m, _)| m);
-            if let Some((order, labels)) = current.rearranged_steps(&parts[0])? {
+            if let Some((order, labels)) = current.rearranged_candidates(&parts[0])? {
                 let index = Tensor::new(
                     order.iter().map(|&k| k as u32).collect::<Vec<_>>(),
                     parts[0].device(),
