@@ -159,6 +159,66 @@ fn same_seed_gives_identical_results() {
 }
 
 #[test]
+fn the_attacker_derives_each_local_steps_batch_size_as_the_client_trained() {
+    // What the optimisation attacks unroll (CaptureMeta::step_batch_sizes, from the sidecar alone)
+    // against the batches the client really took (its private record): epochs end on a remainder
+    // batch (111 images in batches of 8: 13 of 8 and one of 7), fixed steps draw a full batch each.
+    let tmp = tempfile::tempdir().unwrap();
+    for (work, value, steps) in [("--local-epochs", "2", 28), ("--local-steps", "3", 3)] {
+        let out = fedleak(
+            tmp.path(),
+            &[
+                "train",
+                "--model",
+                "vit-nano-32",
+                "--clients",
+                "4",
+                "--rounds",
+                "1",
+                "--algorithm",
+                "fedavg",
+                "--optimizer",
+                "sgd",
+                "--batch-size",
+                "8",
+                work,
+                value,
+                "--capture-rounds",
+                "1",
+                "--out",
+                value,
+            ],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let capture = read_capture(
+            &tmp.path().join(value).join("captures/round-0001/client-0"),
+            true,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(capture.meta.num_samples, 111, "{:?}", capture.meta);
+        let derived = capture
+            .meta
+            .step_batch_sizes()
+            .expect("the steps drew batches of their own");
+        let taken: Vec<usize> = capture
+            .private
+            .unwrap()
+            .step_indices
+            .iter()
+            .map(Vec::len)
+            .collect();
+        assert_eq!(derived, taken, "{work} {value}");
+        assert_eq!(derived.len(), steps, "{work} {value}");
+        let epochs = (work == "--local-epochs").then_some(2);
+        assert_eq!(capture.meta.local_epochs, epochs);
+        if epochs.is_some() {
+            assert_eq!(derived[13], 7, "{derived:?}");
+        }
+    }
+}
+
+#[test]
 fn a_single_client_keeps_its_own_capture_beside_the_aggregate() {
     let tmp = tempfile::tempdir().unwrap();
     let out = fedleak(
