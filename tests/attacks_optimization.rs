@@ -479,7 +479,7 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels_and_misc
         .to_scalar::<f64>()
         .unwrap();
     let (order, labels) = matcher
-        .rearranged_candidates(&guessed)
+        .rearranged_candidates(&guessed, false)
         .unwrap()
         .expect("a swap lowers the objective");
     println!("objective {before:e} before; order {order:?}, labels {labels:?}");
@@ -499,7 +499,7 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels_and_misc
     .with_step_batches(&sizes)
     .unwrap();
     let truth = Tensor::cat(&[&a, &b, &c], 0).unwrap();
-    assert!(right.rearranged_candidates(&truth).unwrap().is_none());
+    assert!(right.rearranged_candidates(&truth, true).unwrap().is_none());
     // Counts that are off by one (a second label 0 for image 6): relabelled.
     let miscounted = GradientMatcher::new(
         &model,
@@ -512,8 +512,12 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels_and_misc
     .unwrap()
     .with_step_batches(&sizes)
     .unwrap();
+    assert!(miscounted
+        .rearranged_candidates(&truth, false)
+        .unwrap()
+        .is_none());
     let (order, labels) = miscounted
-        .rearranged_candidates(&truth)
+        .rearranged_candidates(&truth, true)
         .unwrap()
         .expect("a relabelling lowers the objective");
     assert_eq!((order, labels), (vec![0, 1, 2], vec![2, 0, 1]));
