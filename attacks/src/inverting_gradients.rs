@@ -1427,7 +1427,9 @@ fn zeros_like_all(like: &[Tensor]) -> Result<Vec<Tensor>> {
 /// features or ciphertexts. A plain- or momentum-SGD delta whose local steps trained on batches of
 /// their own ([`crate::LocalBatches::PerStep`]) is unrolled with each step on its own slice of the
 /// candidates (`labels` then in that order, step after step, as [`crate::recover_labels`] returns
-/// them), and the patch refinement takes each image's token gradients from its own step. With known labels and an observed gradient or plain- or momentum-SGD delta (not an
+/// them), and the patch refinement takes each image's token gradients from its own step; which
+/// step held which label is searched ([`GradientMatcher::rearranged_candidates`], relabelling in
+/// every second restart). With known labels and an observed gradient or plain- or momentum-SGD delta (not an
 /// adaptive optimizer's), candidates are refined by [`crate::refine_patches_after_steps`] at
 /// [`InvertingGradientsConfig::patch_refinement`] at each of signed Adam's step decays and, after the
 /// restarts, the chosen one's images; the reported objective is then the refined images'.
