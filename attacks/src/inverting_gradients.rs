@@ -23,9 +23,10 @@
 //! FedAvg with 4 local steps of plain SGD at lr 0.01, one image per step drawn from each client's
 //! 111, `fedleak attack --attack auto`, defaults: 3000 iterations, 2 restarts): client 0 (labels from
 //! the counts right, dealt to the right steps) 21.58 dB / SSIM 0.406 with the per-step unroll alone;
-//! client 1 (counts 3 of 4 right) 8.23 dB / 0.038 at objective 1.6e-2 without the search, 21.48 /
-//! 0.325 at 1.6e-6 with it (labels 4 of 4); client 2 (counts right, dealt to the wrong steps) 7.95 dB
-//! when the objective alone could relabel, 22.41 / 0.398 at 2.1e-6 with the bias-residual gate.
+//! client 1 (counts 3 of 4 right) 8.23 dB / 0.038 at objective 1.6e-2 without the search; client 2
+//! (counts right, dealt to the wrong steps) 7.95 dB when every restart could relabel. With the
+//! search as it is (swaps; relabelling in every second restart): client 1 21.43 / 0.321 at 1.7e-6,
+//! client 2 22.34 / 0.397 at 2.0e-6, labels 4 of 4 each.
 //! Before the per-step unroll, a capture with batches of 4 (16 images behind the delta) scored 6.36
 //! dB at objective 0.19; per step without the search or the patch refinement, 9.35 dB at 1.2e-2
 //! (labels 12 of 16).
