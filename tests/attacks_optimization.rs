@@ -462,17 +462,20 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels_and_misc
     let first = Tensor::cat(&[&a, &b], 0).unwrap();
     let observed = per_step_delta(&model, &[(first, vec![2, 0]), (c.clone(), vec![1])], lr);
     let guessed = Tensor::cat(&[&a, &c, &b], 0).unwrap();
-    let matcher = GradientMatcher::new(
-        &model,
-        &observed,
-        Some((lr, 2)),
-        Some(&[2, 1, 0]),
-        ImagePrior::default(),
-        InputGradient::ForwardDifference,
-    )
-    .unwrap()
-    .with_step_batches(&sizes)
-    .unwrap();
+    let matcher_under = |labels: &[u32]| {
+        GradientMatcher::new(
+            &model,
+            &observed,
+            Some((lr, 2)),
+            Some(labels),
+            ImagePrior::default(),
+            InputGradient::ForwardDifference,
+        )
+        .unwrap()
+        .with_step_batches(&sizes)
+        .unwrap()
+    };
+    let matcher = matcher_under(&[2, 1, 0]);
     let before = matcher
         .matching(&guessed)
         .unwrap()
@@ -487,31 +490,11 @@ fn candidates_in_the_wrong_local_steps_are_moved_back_with_their_labels_and_misc
     assert_eq!(order, vec![0, 2, 1]);
     assert_eq!(labels, vec![2, 0, 1]);
     // From the right arrangement no swap helps.
-    let right = GradientMatcher::new(
-        &model,
-        &observed,
-        Some((lr, 2)),
-        Some(&labels),
-        ImagePrior::default(),
-        InputGradient::ForwardDifference,
-    )
-    .unwrap()
-    .with_step_batches(&sizes)
-    .unwrap();
+    let right = matcher_under(&labels);
     let truth = Tensor::cat(&[&a, &b, &c], 0).unwrap();
     assert!(right.rearranged_candidates(&truth, true).unwrap().is_none());
     // Counts that are off by one (a second label 0 for image 6): relabelled.
-    let miscounted = GradientMatcher::new(
-        &model,
-        &observed,
-        Some((lr, 2)),
-        Some(&[2, 0, 0]),
-        ImagePrior::default(),
-        InputGradient::ForwardDifference,
-    )
-    .unwrap()
-    .with_step_batches(&sizes)
-    .unwrap();
+    let miscounted = matcher_under(&[2, 0, 0]);
     assert!(miscounted
         .rearranged_candidates(&truth, false)
         .unwrap()

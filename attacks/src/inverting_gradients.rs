@@ -657,26 +657,43 @@ impl<'a> GradientMatcher<'a> {
             let (_, gradient) = self.first_order(&start, images, labels, false, true)?;
             return gradient.ok_or_else(missing);
         };
-        let mut current = start.clone();
-        let mut velocity: Option<Vec<Tensor>> = None;
-        for step in 0..steps {
-            let (step_images, step_labels) = self.step_inputs(images, labels, step)?;
-            let (_, gradient) =
-                self.first_order(&current, &step_images, &step_labels, false, true)?;
-            let (next, moved) = self.sgd_step(
-                &current,
-                velocity.as_deref(),
-                gradient.ok_or_else(missing)?,
-                lr,
-            )?;
-            current = next;
-            velocity = Some(moved);
-        }
-        Ok(current
+        let trajectory = self.first_order_trajectory(images, labels, lr, steps)?;
+        let end = trajectory.last().unwrap_or(&start);
+        Ok(end
             .iter()
             .zip(&start)
             .map(|(end, begin)| end - begin)
             .collect::<candle_core::Result<_>>()?)
+    }
+
+    /// The observed parameters before each of `steps` unrolled local SGD steps at `lr` and after
+    /// the last (`steps + 1` points, the global values first), on `images` under `labels`, by
+    /// first-order passes only (no graph kept).
+    fn first_order_trajectory(
+        &self,
+        images: &Tensor,
+        labels: &Tensor,
+        lr: f64,
+        steps: usize,
+    ) -> Result<Vec<Vec<Tensor>>> {
+        let base = self.model.parameters();
+        let mut trajectory: Vec<Vec<Tensor>> =
+            vec![self.names.iter().map(|n| base[n].clone()).collect()];
+        let mut velocity: Option<Vec<Tensor>> = None;
+        for step in 0..steps {
+            let current = &trajectory[step];
+            let (step_images, step_labels) = self.step_inputs(images, labels, step)?;
+            let (_, gradient) =
+                self.first_order(current, &step_images, &step_labels, false, true)?;
+            let gradient = gradient.ok_or_else(|| AttackError::Numerical {
+                attack: self.loss.attack_id(),
+                reason: "a first-order pass returned no parameter gradients".to_string(),
+            })?;
+            let (next, moved) = self.sgd_step(current, velocity.as_deref(), gradient, lr)?;
+            trajectory.push(next);
+            velocity = Some(moved);
+        }
+        Ok(trajectory)
     }
 
     /// The candidate images and soft labels local step `step` trains on: its own slice for steps on
@@ -726,33 +743,21 @@ impl<'a> GradientMatcher<'a> {
         // Where the client took its gradients and with which factor: the global parameters (1) for
         // a gradient; for a delta each local step's, unrolled at the candidates, with -lr c_s, c_s =
         // sum_{t >= s} momentum^(t - s) (1 for plain SGD).
-        let base = self.model.parameters();
-        let mut theta: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
         let steps = match self.unroll {
-            None => vec![(self.params_with(&theta), 1.0)],
+            None => vec![(self.model.parameters().clone(), 1.0)],
             Some((lr, count)) => {
-                let weights = momentum_gradient_weights(self.momentum, count);
-                let mut steps = Vec::with_capacity(count);
-                let mut velocity: Option<Vec<Tensor>> = None;
-                for (step, weight) in weights.into_iter().enumerate() {
-                    steps.push((self.params_with(&theta), -lr * weight));
-                    if step + 1 < count {
-                        let (step_images, step_labels) =
-                            self.step_inputs(&images.detach(), self.known_labels()?, step)?;
-                        let (_, gradient) =
-                            self.first_order(&theta, &step_images, &step_labels, false, true)?;
-                        let gradient = gradient.ok_or_else(|| AttackError::Numerical {
-                            attack: self.loss.attack_id(),
-                            reason: "a first-order pass returned no parameter gradients"
-                                .to_string(),
-                        })?;
-                        let (next, moved) =
-                            self.sgd_step(&theta, velocity.as_deref(), gradient, lr)?;
-                        theta = next;
-                        velocity = Some(moved);
-                    }
-                }
-                steps
+                // The parameters each step took its gradient at (no pass after the last step).
+                let trajectory = self.first_order_trajectory(
+                    &images.detach(),
+                    self.known_labels()?,
+                    lr,
+                    count.saturating_sub(1),
+                )?;
+                trajectory
+                    .iter()
+                    .zip(momentum_gradient_weights(self.momentum, count))
+                    .map(|(theta, weight)| (self.params_with(theta), -lr * weight))
+                    .collect()
             }
         };
         let step_batches: Option<Vec<usize>> = self
