@@ -11,11 +11,11 @@ use fedleak::model::{
 };
 use fedleak_attacks::{
     count_labels, infer_label_idlg, invert_patch_embedding, reconstruct_april,
-    recover_classifier_input, refine_patches, refine_patches_after_steps,
-    refine_patches_after_steps_on_batches, AttackOutcome, FeatureOutcome, GradientMatcher,
-    ImagePrior, InputGradient, LabelCountConfig, LabelOutcome, LocalBatches, Observation, ParamMap,
-    ReferenceImages, TargetModel, UpdateSource, BATCH_PATCH_REFINEMENT,
-    SINGLE_IMAGE_PATCH_REFINEMENT,
+    recover_classifier_input, refine_patches, refine_patches_after_client_steps,
+    refine_patches_after_steps, refine_patches_after_steps_on_batches, AttackOutcome, ClientShare,
+    FeatureOutcome, GradientMatcher, ImagePrior, InputGradient, LabelCountConfig, LabelOutcome,
+    LocalBatches, Observation, ParamMap, ReferenceImages, RefinementStep, TargetModel,
+    UpdateSource, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
 };
 use fedleak_attacks::{recover_batch_labels, separate_batch_labels, Separation};
 use fedleak_metrics::{psnr_db, ImageDims};
@@ -400,8 +400,7 @@ fn april_refuses_fixed_positions_batches_and_more_patches_than_width() {
     let observation = Observation::Aggregate {
         update: true_gradient(&learnable, &image, &[data.labels[0]]),
         source: UpdateSource::Gradient,
-        clients: 3,
-        batch_size: 1,
+        clients: ClientShare::even(3, 1),
     };
     let reason = not_applicable_reason(reconstruct_april(&observation, &learnable).unwrap());
     assert!(reason.contains("aggregate of 3 clients"), "{reason}");
@@ -686,8 +685,7 @@ fn label_counts_read_deltas_and_aggregates() {
     let observation = Observation::Aggregate {
         update: mean,
         source: UpdateSource::Gradient,
-        clients: 2,
-        batch_size: 8,
+        clients: ClientShare::even(2, 8),
     };
     let LabelOutcome::Recovered(r) =
         count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
@@ -971,14 +969,8 @@ fn patch_refinement_of_a_multi_step_sgd_delta_keeps_the_private_image_and_moves_
 #[test]
 fn patch_refinement_of_local_steps_on_batches_of_their_own_keeps_the_private_images_and_moves_perturbed_ones_towards_them(
 ) {
-    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
-    let data = dataset("fixture:ihc-tiles-32", &probe);
-    let cfg = config(ModelPreset::VitTiny32, &data, PositionEmbeddingKind::Sincos);
-    let model = target(&cfg, DType::F64);
     // Three local steps, each on an image of its own (a client holding more than a batch of 1).
-    let indices = pick(&data, &[1, 0, 1]);
-    let labels: Vec<u32> = indices.iter().map(|&i| data.labels[i]).collect();
-    let images = batch(&data, &indices, DType::F64);
+    let (model, labels, images) = sincos_tiles(&[1, 0, 1]);
     let (lr, sizes) = (0.05, [1usize, 1, 1]);
     let own: Vec<Tensor> = (0..3).map(|s| images.narrow(0, s, 1).unwrap()).collect();
     let steps: Vec<(&Tensor, &[u32])> = (0..3).map(|s| (&own[s], &labels[s..=s])).collect();
@@ -1031,6 +1023,109 @@ fn patch_refinement_of_local_steps_on_batches_of_their_own_keeps_the_private_ima
     .unwrap()
     .with_patch_refinement(ridge, &labels);
     assert_refinement_moves_towards(&matcher, &images, 0.15, "three steps on their own images");
+}
+
+#[test]
+fn patch_refinement_of_an_aggregate_takes_each_clients_own_trajectory_and_weight() {
+    // Two FedAvg clients, two local steps each from the global model: client A holds one image
+    // (both steps on it), client B three times as many, one image per step. The server averages
+    // their deltas with weights 1/4 and 3/4.
+    let (model, labels, images) = sincos_tiles(&[1, 0, 1]);
+    let own: Vec<Tensor> = (0..3).map(|k| images.narrow(0, k, 1).unwrap()).collect();
+    let lr = 0.05;
+    let (a_steps, a_delta) = sgd_steps(&model, &[(&own[0], &labels[..1]); 2], lr, 0.0);
+    let b_batches = [(&own[1], &labels[1..2]), (&own[2], &labels[2..])];
+    let (b_steps, b_delta) = sgd_steps(&model, &b_batches, lr, 0.0);
+    let aggregate: ParamMap = a_delta
+        .iter()
+        .map(|(name, a)| {
+            let mean = ((a * 0.25).unwrap() + (&b_delta[name] * 0.75).unwrap()).unwrap();
+            (name.clone(), mean)
+        })
+        .collect();
+    let ridge = BATCH_PATCH_REFINEMENT;
+    let step =
+        |parameters: &ParamMap, weight: f64, images: std::ops::Range<usize>| RefinementStep {
+            parameters: parameters.clone(),
+            factor: -lr * weight,
+            images,
+        };
+    let steps = [
+        step(&a_steps[0], 0.25, 0..1),
+        step(&a_steps[1], 0.25, 0..1),
+        step(&b_steps[0], 0.75, 1..2),
+        step(&b_steps[1], 0.75, 2..3),
+    ];
+    let refined =
+        refine_patches_after_client_steps(&model, &aggregate, &steps, &images, &labels, ridge)
+            .unwrap()
+            .expect("applies to a sin-cos ViT's aggregate of SGD deltas");
+    let kept = relative_difference(&f64_values(&refined), &f64_values(&images));
+    assert!(kept < 1e-9, "the private images moved by {kept:e}");
+    // Equal weights (the clients' batches, not their holdings) do not explain it.
+    let unweighted: Vec<RefinementStep> = steps
+        .iter()
+        .map(|s| RefinementStep {
+            factor: -lr,
+            ..s.clone()
+        })
+        .collect();
+    let moved =
+        refine_patches_after_client_steps(&model, &aggregate, &unweighted, &images, &labels, ridge)
+            .unwrap()
+            .map(|moved| relative_difference(&f64_values(&moved), &f64_values(&images)));
+    println!("clients weighted equally: {moved:?}");
+    assert!(moved.is_none_or(|moved| moved > 1e-3), "{moved:?}");
+    let outside = [step(&a_steps[0], 1.0, 2..4)];
+    let refused =
+        refine_patches_after_client_steps(&model, &aggregate, &outside, &images, &labels, ridge);
+    assert!(refused.is_err(), "a step on images 2..4 of 3");
+
+    // The attacker's matcher, from the server's view of the aggregate, unrolls each client from
+    // the global model at its candidates.
+    let observation = Observation::Aggregate {
+        update: aggregate.clone(),
+        source: UpdateSource::SgdDelta { lr, local_steps: 2 },
+        clients: vec![
+            ClientShare {
+                weight: 0.25,
+                batch_size: 1,
+                local_batches: LocalBatches::Repeated,
+            },
+            ClientShare {
+                weight: 0.75,
+                batch_size: 1,
+                local_batches: LocalBatches::PerStep(vec![1, 1]),
+            },
+        ],
+    };
+    let view = observation.update_view().unwrap();
+    assert_eq!(view.images, 3);
+    let matcher = GradientMatcher::new(
+        &model,
+        &aggregate,
+        Some((lr, 2)),
+        Some(&labels),
+        ImagePrior::default(),
+        InputGradient::ForwardDifference,
+    )
+    .unwrap()
+    .with_clients(&view.clients)
+    .unwrap()
+    .with_patch_refinement(ridge, &labels);
+    assert_refinement_moves_towards(&matcher, &images, 0.15, "an aggregate of two clients");
+}
+
+/// A fresh f64 `vit-tiny-32` with a fixed sin-cos table on the IHC fixture, and IHC training tiles
+/// of the given classes (see `pick`) with their labels.
+fn sincos_tiles(wanted: &[u32]) -> (VitTarget, Vec<u32>, Tensor) {
+    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(ModelPreset::VitTiny32, &data, PositionEmbeddingKind::Sincos);
+    let indices = pick(&data, wanted);
+    let labels: Vec<u32> = indices.iter().map(|&i| data.labels[i]).collect();
+    let images = batch(&data, &indices, DType::F64);
+    (target(&cfg, DType::F64), labels, images)
 }
 
 /// `matcher`'s refinement of `images` offset and perturbed two ways must raise their mean PSNR

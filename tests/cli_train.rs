@@ -199,7 +199,7 @@ fn the_attacker_derives_each_local_steps_batch_size_as_the_client_trained() {
         assert_eq!(capture.meta.num_samples, 111, "{:?}", capture.meta);
         let derived = capture
             .meta
-            .step_batch_sizes()
+            .step_batch_sizes(capture.meta.num_samples)
             .expect("the steps drew batches of their own");
         let taken: Vec<usize> = capture
             .private

@@ -31,6 +31,13 @@
 //! dB at objective 0.19; per step without the search or the patch refinement, 9.35 dB at 1.2e-2
 //! (labels 12 of 16).
 //!
+//! An aggregate of several clients' updates is simulated client by client
+//! ([`GradientMatcher::with_clients`]): each client unrolls its own steps from the global model on
+//! its own candidates, and the simulated updates are summed with the clients' weights, as the
+//! server averaged them. FedAvg clients do not share a trajectory: one client training on all the
+//! clients' images (the model used before) leaves an objective of 0.41 at the private images of a
+//! two-client, two-step aggregate where the per-client simulation leaves 1e-17 (the f64 test).
+//!
 //! Labels are given (iDLG, label counts) or, as in the original DLG, optimised jointly with the images.
 //!
 //! Optimising the matching objective further does not bring the result closer. Measured 2026-12-03
@@ -70,6 +77,7 @@
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).
 
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -77,9 +85,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
-use crate::observation::{momentum_gradient_weights, Observation, UpdateSource};
+use crate::observation::{momentum_gradient_weights, ClientSteps, Observation, UpdateSource};
 use crate::patch_refinement::{
-    refine_patches_after_steps_on_batches, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
+    refine_patches_after_client_steps, RefinementStep, BATCH_PATCH_REFINEMENT,
+    SINGLE_IMAGE_PATCH_REFINEMENT,
 };
 use crate::prior::ImagePrior;
 use crate::reconstruction::{AttackOutcome, Reconstruction};
@@ -412,10 +421,10 @@ pub struct GradientMatcher<'a> {
     /// The patch refinement's ridge and the known labels, when the refinement applies
     /// ([`GradientMatcher::with_patch_refinement`]).
     refinement: Option<(f64, Vec<u32>)>,
-    /// For local steps on batches of their own, each step's slice of the candidate images (first
-    /// image, count); `None`: every step trains on all of them
-    /// ([`GradientMatcher::with_step_batches`]).
-    step_slices: Option<Vec<(usize, usize)>>,
+    /// The clients the update averages, each with its weight and which candidates each of its
+    /// unrolled steps trains on ([`GradientMatcher::with_clients`]); `None`: one client whose every
+    /// step trains on all candidates.
+    clients: Option<Vec<ClientSteps>>,
 }
 
 /// Relative step of the central difference: eps * |u| = this fraction of |theta|.
@@ -443,6 +452,18 @@ struct SweepPoint {
     input: Option<Tensor>,
     /// The parameter gradient at `theta`, kept when the sweep needs parameter products there.
     gradient: Option<Vec<Tensor>>,
+}
+
+/// One client's forward sweep with what it trained on, for the adjoint sweep back through it.
+struct AdjointSweep<'s> {
+    client: &'s ClientSteps,
+    /// The parameters before each of the client's steps ([`GradientMatcher::forward_sweep`]).
+    points: &'s [SweepPoint],
+    /// All candidate images and their labels (the client's steps take their ranges).
+    images: &'s Tensor,
+    labels: &'s Tensor,
+    /// The side of a one-sided difference (see [`GradientMatcher::hessian_products`]).
+    side: f64,
 }
 
 impl<'a> GradientMatcher<'a> {
@@ -512,7 +533,7 @@ impl<'a> GradientMatcher<'a> {
             loss: MatchingLoss::Cosine,
             refinement: None,
             momentum: 0.0,
-            step_slices: None,
+            clients: None,
         })
     }
 
@@ -523,7 +544,7 @@ impl<'a> GradientMatcher<'a> {
     ///
     /// # Errors
     /// [`AttackError::Configuration`] when the matcher does not unroll exactly `sizes.len()` steps.
-    pub fn with_step_batches(mut self, sizes: &[usize]) -> Result<Self> {
+    pub fn with_step_batches(self, sizes: &[usize]) -> Result<Self> {
         let steps = self.unroll.map_or(0, |(_, steps)| steps);
         if steps != sizes.len() {
             return Err(AttackError::Configuration {
@@ -535,16 +556,58 @@ impl<'a> GradientMatcher<'a> {
             });
         }
         let mut first = 0;
-        self.step_slices = Some(
-            sizes
-                .iter()
-                .map(|&size| {
-                    first += size;
-                    (first - size, size)
-                })
-                .collect(),
-        );
+        let steps = sizes
+            .iter()
+            .map(|&size| {
+                first += size;
+                first - size..first
+            })
+            .collect();
+        self.with_clients(&[ClientSteps { weight: 1.0, steps }])
+    }
+
+    /// The same matcher for an update that averages `clients` (an aggregate; one client's update
+    /// is one client of weight 1): the simulated update is the weighted sum of the clients' own,
+    /// each unrolled from the global parameters on its own candidates step by step (FedAvg clients
+    /// do not share a trajectory), and the patch refinement takes each image's token gradients from
+    /// its client's steps. See [`crate::UpdateView::clients`].
+    ///
+    /// # Errors
+    /// [`AttackError::Configuration`] when there are no clients, a client has no steps, or a client
+    /// takes more than one step in a matcher of a gradient.
+    pub fn with_clients(mut self, clients: &[ClientSteps]) -> Result<Self> {
+        let gradient = self.unroll.is_none();
+        let unfit = clients
+            .iter()
+            .find(|client| client.steps.is_empty() || (gradient && client.steps.len() > 1));
+        if clients.is_empty() || unfit.is_some() {
+            return Err(AttackError::Configuration {
+                attack: self.loss.attack_id(),
+                reason: format!(
+                    "{} client(s), one of {} step(s), for a matcher of {}",
+                    clients.len(),
+                    unfit.map_or(0, |client| client.steps.len()),
+                    match self.unroll {
+                        Some((_, steps)) => format!("{steps} unrolled local step(s)"),
+                        None => "a gradient".to_string(),
+                    }
+                ),
+            });
+        }
+        self.clients = Some(clients.to_vec());
         Ok(self)
+    }
+
+    /// The clients to simulate for candidates of `images` images: the matcher's own, or one client
+    /// training on all of them at each unrolled step (one for a gradient).
+    fn clients_of(&self, images: usize) -> Vec<ClientSteps> {
+        match &self.clients {
+            Some(clients) => clients.clone(),
+            None => vec![ClientSteps {
+                weight: 1.0,
+                steps: vec![0..images; self.unroll.map_or(1, |(_, steps)| steps.max(1))],
+            }],
+        }
     }
 
     /// The same matcher under other known labels (one per candidate image, in the candidates'
@@ -562,13 +625,14 @@ impl<'a> GradientMatcher<'a> {
         Ok(self)
     }
 
-    /// For local steps on batches of their own under known labels, which step's batch each
-    /// candidate (an image with its label) belongs to is a guess: the counts over all steps are all
-    /// the update tells of the labels ([`crate::deal_labels_over_steps`]), and on a multi-step
-    /// delta they are estimates (a 4-step delta of one image per step at the initial weights: 1 of
-    /// 4 labels wrong on two of four clients). This searches greedily, keeping each move that lowers
-    /// the matching objective: swaps of two candidates of different steps and different labels
-    /// (which changes the steps' label counts), then, when `relabel`, each candidate's label set
+    /// For local steps on batches of their own, or clients of an aggregate that unroll apart, under
+    /// known labels, which step's batch (or client) each candidate (an image with its label)
+    /// belongs to is a guess: the counts over all images are all the update tells of the labels
+    /// ([`crate::deal_labels_over_steps`]), and on a multi-step delta they are estimates (a 4-step
+    /// delta of one image per step at the initial weights: 1 of 4 labels wrong on two of four
+    /// clients). This searches greedily, keeping each move that lowers the matching objective:
+    /// swaps of two candidates of different groups (steps' batches, clients) and different labels
+    /// (which changes the groups' label counts), then, when `relabel`, each candidate's label set
     /// to each other class. Returns the new order of the candidates (position `k` takes candidate
     /// `order[k]`) and the labels of the positions, or `None` when no move helps or the search
     /// does not apply. Costs one first-order unroll per move tried.
@@ -585,15 +649,22 @@ impl<'a> GradientMatcher<'a> {
         images: &Tensor,
         relabel: bool,
     ) -> Result<Option<(Vec<usize>, Vec<u32>)>> {
-        let (Some(slices), Some(soft_labels)) = (&self.step_slices, &self.soft_labels) else {
+        let (Some(clients), Some(soft_labels)) = (&self.clients, &self.soft_labels) else {
             return Ok(None);
         };
         let mut labels = soft_labels.argmax(1)?.to_vec1::<u32>()?;
-        let step_of: Vec<usize> = slices
-            .iter()
-            .enumerate()
-            .flat_map(|(step, &(_, count))| std::iter::repeat_n(step, count))
-            .collect();
+        // The group of images each candidate trained with (its step's batch, or its client's).
+        let mut group_of = vec![usize::MAX; labels.len()];
+        for (group, range) in clients.iter().flat_map(|c| &c.steps).enumerate() {
+            for k in range.clone() {
+                if let Some(slot) = group_of.get_mut(k).filter(|slot| **slot == usize::MAX) {
+                    *slot = group;
+                }
+            }
+        }
+        if group_of.iter().all(|&group| group == group_of[0]) {
+            return Ok(None);
+        }
         let images = images.detach();
         let classes = self.model.num_classes() as u32;
         let objective_of = |order: &[usize], labels: &[u32]| -> Result<f64> {
@@ -607,12 +678,12 @@ impl<'a> GradientMatcher<'a> {
             let (objective, _, scale) = self.objective_and_direction(&simulated)?;
             Ok(objective * scale)
         };
-        let mut order: Vec<usize> = (0..step_of.len()).collect();
+        let mut order: Vec<usize> = (0..group_of.len()).collect();
         let mut best = objective_of(&order, &labels)?;
         let mut moved = false;
         for i in 0..order.len() {
             for j in i + 1..order.len() {
-                if step_of[i] == step_of[j] || labels[i] == labels[j] {
+                if group_of[i] == group_of[j] || labels[i] == labels[j] {
                     continue;
                 }
                 order.swap(i, j);
@@ -645,32 +716,67 @@ impl<'a> GradientMatcher<'a> {
         Ok(moved.then_some((order, labels)))
     }
 
-    /// The update `images` under `labels` would produce, by first-order passes only (no graph kept).
+    /// The update `images` under `labels` would produce, by first-order passes only (no graph kept):
+    /// the weighted sum of each client's gradient, or of its delta after its unrolled steps.
     fn simulate_first_order(&self, images: &Tensor, labels: &Tensor) -> Result<Vec<Tensor>> {
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-        let missing = || AttackError::Numerical {
-            attack: self.loss.attack_id(),
-            reason: "a first-order pass returned no parameter gradients".to_string(),
-        };
-        let Some((lr, steps)) = self.unroll else {
-            let (_, gradient) = self.first_order(&start, images, labels, false, true)?;
-            return gradient.ok_or_else(missing);
-        };
-        let trajectory = self.first_order_trajectory(images, labels, lr, steps)?;
-        let end = trajectory.last().unwrap_or(&start);
-        Ok(end
-            .iter()
-            .zip(&start)
-            .map(|(end, begin)| end - begin)
-            .collect::<candle_core::Result<_>>()?)
+        self.sum_over_clients(images.dim(0)?, |client| {
+            Ok(match self.unroll {
+                None => {
+                    let (step_images, step_labels) =
+                        slice_inputs(images, labels, &client.steps[0])?;
+                    let (_, gradient) =
+                        self.first_order(&start, &step_images, &step_labels, false, true)?;
+                    gradient.ok_or_else(|| self.no_parameter_gradients())?
+                }
+                Some((lr, _)) => {
+                    let trajectory = self.first_order_trajectory(
+                        client,
+                        images,
+                        labels,
+                        lr,
+                        client.steps.len(),
+                    )?;
+                    let end = trajectory.last().unwrap_or(&start);
+                    end.iter()
+                        .zip(&start)
+                        .map(|(end, begin)| end - begin)
+                        .collect::<candle_core::Result<_>>()?
+                }
+            })
+        })
     }
 
-    /// The observed parameters before each of `steps` unrolled local SGD steps at `lr` and after
-    /// the last (`steps + 1` points, the global values first), on `images` under `labels`, by
-    /// first-order passes only (no graph kept).
+    /// The weighted sum over the clients to simulate for `images` candidates
+    /// ([`GradientMatcher::clients_of`]) of the update `update_of` gives for each.
+    fn sum_over_clients(
+        &self,
+        images: usize,
+        mut update_of: impl FnMut(&ClientSteps) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
+        let mut total: Option<Vec<Tensor>> = None;
+        for client in self.clients_of(images) {
+            let update = update_of(&client)?;
+            total = Some(add_weighted(total, update, client.weight)?);
+        }
+        total.ok_or_else(|| self.no_parameter_gradients())
+    }
+
+    /// The error of a first-order pass that returned no parameter gradients.
+    fn no_parameter_gradients(&self) -> AttackError {
+        AttackError::Numerical {
+            attack: self.loss.attack_id(),
+            reason: "a first-order pass returned no parameter gradients".to_string(),
+        }
+    }
+
+    /// The observed parameters before each of the first `steps` of `client`'s unrolled local SGD
+    /// steps at `lr` and after the last (`steps + 1` points, the global values first), on its
+    /// images of `images` under `labels`, by first-order passes only (no graph kept).
     fn first_order_trajectory(
         &self,
+        client: &ClientSteps,
         images: &Tensor,
         labels: &Tensor,
         lr: f64,
@@ -680,41 +786,17 @@ impl<'a> GradientMatcher<'a> {
         let mut trajectory: Vec<Vec<Tensor>> =
             vec![self.names.iter().map(|n| base[n].clone()).collect()];
         let mut velocity: Option<Vec<Tensor>> = None;
-        for step in 0..steps {
+        for (step, range) in client.steps.iter().take(steps).enumerate() {
             let current = &trajectory[step];
-            let (step_images, step_labels) = self.step_inputs(images, labels, step)?;
+            let (step_images, step_labels) = slice_inputs(images, labels, range)?;
             let (_, gradient) =
                 self.first_order(current, &step_images, &step_labels, false, true)?;
-            let gradient = gradient.ok_or_else(|| AttackError::Numerical {
-                attack: self.loss.attack_id(),
-                reason: "a first-order pass returned no parameter gradients".to_string(),
-            })?;
+            let gradient = gradient.ok_or_else(|| self.no_parameter_gradients())?;
             let (next, moved) = self.sgd_step(current, velocity.as_deref(), gradient, lr)?;
             trajectory.push(next);
             velocity = Some(moved);
         }
         Ok(trajectory)
-    }
-
-    /// The candidate images and soft labels local step `step` trains on: its own slice for steps on
-    /// batches of their own, all of them otherwise.
-    fn step_inputs(
-        &self,
-        images: &Tensor,
-        labels: &Tensor,
-        step: usize,
-    ) -> Result<(Tensor, Tensor)> {
-        match self
-            .step_slices
-            .as_ref()
-            .and_then(|slices| slices.get(step))
-        {
-            Some(&(first, count)) => Ok((
-                images.narrow(0, first, count)?,
-                labels.narrow(0, first, count)?,
-            )),
-            None => Ok((images.clone(), labels.clone())),
-        }
     }
 
     /// The same matcher refining candidates by [`refine_patches_after_steps_on_batches`] at `ridge` (see
@@ -740,35 +822,46 @@ impl<'a> GradientMatcher<'a> {
         let Some((ridge, labels)) = &self.refinement else {
             return Ok(None);
         };
-        // Where the client took its gradients and with which factor: the global parameters (1) for
-        // a gradient; for a delta each local step's, unrolled at the candidates, with -lr c_s, c_s =
-        // sum_{t >= s} momentum^(t - s) (1 for plain SGD).
-        let steps = match self.unroll {
-            None => vec![(self.model.parameters().clone(), 1.0)],
-            Some((lr, count)) => {
-                // The parameters each step took its gradient at (no pass after the last step).
-                let trajectory = self.first_order_trajectory(
-                    &images.detach(),
-                    self.known_labels()?,
-                    lr,
-                    count.saturating_sub(1),
-                )?;
-                trajectory
-                    .iter()
-                    .zip(momentum_gradient_weights(self.momentum, count))
-                    .map(|(theta, weight)| (self.params_with(theta), -lr * weight))
-                    .collect()
+        // Where each client took its gradients and with which factor: the global parameters (its
+        // weight w) for a gradient; for a delta each local step's, unrolled at the candidates, with
+        // -w lr c_s, c_s = sum_{t >= s} momentum^(t - s) (1 for plain SGD).
+        let images_detached = images.detach();
+        let mut steps = Vec::new();
+        for client in self.clients_of(images.dim(0)?) {
+            match self.unroll {
+                None => steps.push(RefinementStep {
+                    parameters: self.model.parameters().clone(),
+                    factor: client.weight,
+                    images: client.steps[0].clone(),
+                }),
+                Some((lr, _)) => {
+                    let count = client.steps.len();
+                    // The parameters each step took its gradient at (no pass after the last step).
+                    let trajectory = self.first_order_trajectory(
+                        &client,
+                        &images_detached,
+                        self.known_labels()?,
+                        lr,
+                        count - 1,
+                    )?;
+                    steps.extend(
+                        trajectory
+                            .iter()
+                            .zip(momentum_gradient_weights(self.momentum, count))
+                            .zip(&client.steps)
+                            .map(|((theta, weight), range)| RefinementStep {
+                                parameters: self.params_with(theta),
+                                factor: -lr * weight * client.weight,
+                                images: range.clone(),
+                            }),
+                    );
+                }
             }
-        };
-        let step_batches: Option<Vec<usize>> = self
-            .step_slices
-            .as_ref()
-            .map(|slices| slices.iter().map(|&(_, count)| count).collect());
-        let Some(refined) = refine_patches_after_steps_on_batches(
+        }
+        let Some(refined) = refine_patches_after_client_steps(
             self.model,
             self.observed,
             &steps,
-            step_batches.as_deref(),
             images,
             labels,
             *ridge,
@@ -798,54 +891,61 @@ impl<'a> GradientMatcher<'a> {
         params
     }
 
-    /// The update the candidate images would produce, tensor by tensor (graph kept to the images).
+    /// The update the candidate images would produce, tensor by tensor (graph kept to the images):
+    /// the weighted sum of each client's gradient, or of its delta after its unrolled steps.
     fn simulate(&self, images: &Tensor, soft_labels: &Tensor) -> Result<Vec<Tensor>> {
         let base = self.model.parameters();
-        match self.unroll {
-            None => {
-                let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-                self.loss_gradient(&start, images, soft_labels)
-            }
-            Some((lr, steps)) => {
-                // theta_{s+1} = theta_s - lr * grad L(x', theta_s). A zero variable added at each step
-                // makes candle keep the gradient with respect to the intermediate parameters.
-                let mut current: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-                let mut velocity: Option<Vec<Tensor>> = None;
-                for step in 0..steps {
-                    let (step_images, step_labels) = self.step_inputs(images, soft_labels, step)?;
-                    let probes: Vec<Var> = current
-                        .iter()
-                        .map(|t| Var::zeros(t.shape(), t.dtype(), t.device()))
-                        .collect::<candle_core::Result<_>>()?;
-                    let shifted: Vec<Tensor> = current
-                        .iter()
-                        .zip(&probes)
-                        .map(|(t, p)| t + p.as_tensor())
-                        .collect::<candle_core::Result<_>>()?;
-                    let loss =
-                        self.model
-                            .loss(&self.params_with(&shifted), &step_images, &step_labels)?;
-                    let grads = loss.backward()?;
-                    let gradient: Vec<Tensor> = current
-                        .iter()
-                        .zip(&probes)
-                        .map(|(t, p)| match grads.get(p.as_tensor()) {
-                            Some(g) => Ok(g.clone()),
-                            None => t.zeros_like(),
-                        })
-                        .collect::<candle_core::Result<_>>()?;
-                    let (next, step) =
-                        self.sgd_step(&current, velocity.as_deref(), gradient, lr)?;
-                    current = next;
-                    velocity = Some(step);
+        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+        self.sum_over_clients(images.dim(0)?, |client| {
+            Ok(match self.unroll {
+                None => {
+                    let (step_images, step_labels) =
+                        slice_inputs(images, soft_labels, &client.steps[0])?;
+                    self.loss_gradient(&start, &step_images, &step_labels)?
                 }
-                Ok(current
-                    .iter()
-                    .zip(&self.names)
-                    .map(|(t, n)| t - &base[n])
-                    .collect::<candle_core::Result<_>>()?)
-            }
-        }
+                Some((lr, _)) => {
+                    // theta_{s+1} = theta_s - lr * grad L(x', theta_s). A zero variable added at each
+                    // step makes candle keep the gradient with respect to the intermediate parameters.
+                    let mut current = start.clone();
+                    let mut velocity: Option<Vec<Tensor>> = None;
+                    for range in &client.steps {
+                        let (step_images, step_labels) = slice_inputs(images, soft_labels, range)?;
+                        let probes: Vec<Var> = current
+                            .iter()
+                            .map(|t| Var::zeros(t.shape(), t.dtype(), t.device()))
+                            .collect::<candle_core::Result<_>>()?;
+                        let shifted: Vec<Tensor> = current
+                            .iter()
+                            .zip(&probes)
+                            .map(|(t, p)| t + p.as_tensor())
+                            .collect::<candle_core::Result<_>>()?;
+                        let loss = self.model.loss(
+                            &self.params_with(&shifted),
+                            &step_images,
+                            &step_labels,
+                        )?;
+                        let grads = loss.backward()?;
+                        let gradient: Vec<Tensor> = current
+                            .iter()
+                            .zip(&probes)
+                            .map(|(t, p)| match grads.get(p.as_tensor()) {
+                                Some(g) => Ok(g.clone()),
+                                None => t.zeros_like(),
+                            })
+                            .collect::<candle_core::Result<_>>()?;
+                        let (next, step) =
+                            self.sgd_step(&current, velocity.as_deref(), gradient, lr)?;
+                        current = next;
+                        velocity = Some(step);
+                    }
+                    current
+                        .iter()
+                        .zip(&start)
+                        .map(|(end, begin)| end - begin)
+                        .collect::<candle_core::Result<_>>()?
+                }
+            })
+        })
     }
 
     /// The matching objective alone: the mean over parameter tensors of 1 - cosine(simulated, observed).
@@ -942,7 +1042,9 @@ impl<'a> GradientMatcher<'a> {
     /// passes only. For a gradient: one pass for the simulated gradient, then one (forward) or two
     /// (central) for the Hessian-vector product. For an unrolled delta of S local steps: S passes
     /// forward through the steps, then an adjoint sweep back through them with one or two passes per
-    /// step, each giving the step's mixed (input) and parameter Hessian-vector products at once.
+    /// step, each giving the step's mixed (input) and parameter Hessian-vector products at once. An
+    /// aggregate does this client by client, each client's sweep starting from its weight times
+    /// the objective's direction.
     fn finite_difference(
         &self,
         images: &Tensor,
@@ -952,126 +1054,159 @@ impl<'a> GradientMatcher<'a> {
         let forward = self.input_gradient != InputGradient::CentralDifference;
         let images = images.detach();
         let labels = self.known_labels()?;
-        let base = self.model.parameters();
-        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-        // The parameters before each local step (with, for a forward difference, the input and
-        // parameter gradients there), and the simulated update.
-        let (trajectory, simulated, lr) = match self.unroll {
-            None => {
-                let (input, gradient) = self.first_order(&start, &images, labels, forward, true)?;
-                let gradient = gradient.unwrap_or_default();
-                // One image-sized tensor: the parameter gradient itself is not a base here (no
-                // parameter products for a single gradient).
-                let point = SweepPoint {
-                    theta: start,
-                    theta_norm: self.start_norm,
-                    input,
-                    gradient: None,
-                };
-                (vec![point], gradient, None)
-            }
-            Some((lr, steps)) => {
-                // The delta is taken as theta_S - theta_0, as the client computes it.
-                let mut trajectory = Vec::with_capacity(steps);
-                let mut current = start.clone();
-                let mut velocity: Option<Vec<Tensor>> = None;
-                for step in 0..steps {
-                    let (step_images, step_labels) = self.step_inputs(&images, labels, step)?;
-                    let (input, gradient) =
-                        self.first_order(&current, &step_images, &step_labels, forward, true)?;
-                    let gradient = gradient.unwrap_or_default();
-                    let moved = self.momentum_step(velocity.as_deref(), gradient.clone())?;
-                    let step: Vec<Tensor> = moved
-                        .iter()
-                        .map(|v| v * -lr)
-                        .collect::<candle_core::Result<_>>()?;
-                    velocity = Some(moved);
-                    let next = add_all(&current, &step)?;
-                    let theta_norm = if trajectory.is_empty() {
-                        self.start_norm
-                    } else {
-                        squared_norm(&current)?.sqrt()
-                    };
-                    trajectory.push(SweepPoint {
-                        theta: std::mem::replace(&mut current, next),
-                        theta_norm,
-                        input,
-                        gradient: forward.then_some(gradient),
-                    });
-                }
-                let delta: Vec<Tensor> = current
-                    .iter()
-                    .zip(&start)
-                    .map(|(end, begin)| end - begin)
-                    .collect::<candle_core::Result<_>>()?;
-                (trajectory, delta, Some(lr))
-            }
-        };
+        let clients = self.clients_of(images.dim(0)?);
+        let mut sweeps = Vec::with_capacity(clients.len());
+        let simulated = self.sum_over_clients(images.dim(0)?, |client| {
+            let (points, update) = self.forward_sweep(client, &images, labels, forward)?;
+            sweeps.push(points);
+            Ok(update)
+        })?;
         let (objective, direction, scale) = self.objective_and_direction(&simulated)?;
         // Parameter-sized: not needed once the direction is known (a ViT-B/16 update is 344 MB).
         drop(simulated);
         let prior = prior.gradient(&images)?;
-        let matching_gradient = match lr {
-            None => {
-                self.hessian_products(&trajectory[0], &direction, &images, labels, false, side)?
-                    .0
-            }
-            Some(lr) => {
-                // Steps v_{s+1} = m v_s + g(theta_s), theta_{s+1} = theta_s - lr v_{s+1}, adjoints
-                // a (of theta) and c (of v), a_S = direction, c_S = 0. Back through step s, with
-                // b = c_{s+1} - lr a_{s+1} (v_{s+1}'s whole adjoint): dM/dx += H_x(theta_s) b,
-                // a_s = a_{s+1} + H_theta(theta_s) b, c_s = m b. Plain SGD (m = 0): b = -lr a_{s+1}.
-                // Steps on batches of their own each give their own images' part (H_x of step s is
-                // zero for the others'), collected back to front and joined in step order.
-                let mut adjoint = direction;
-                let mut velocity_adjoint: Option<Vec<Tensor>> = None;
-                let mut total = images.zeros_like()?;
-                let mut step_parts: Vec<Tensor> = Vec::new();
-                for (step, point) in trajectory.iter().enumerate().rev() {
-                    let (step_images, step_labels) = self.step_inputs(&images, labels, step)?;
-                    let scaled: Vec<Tensor> = adjoint
-                        .iter()
-                        .map(|a| a * -lr)
-                        .collect::<candle_core::Result<_>>()?;
-                    let carried = match &velocity_adjoint {
-                        Some(c) => add_all(c, &scaled)?,
-                        None => scaled,
-                    };
-                    let (input, parameters) = self.hessian_products(
-                        point,
-                        &carried,
-                        &step_images,
-                        &step_labels,
-                        step > 0,
-                        side,
-                    )?;
-                    if self.step_slices.is_some() {
-                        step_parts.push(input);
-                    } else {
-                        total = (total + input)?;
-                    }
-                    if let Some(parameters) = parameters {
-                        adjoint = add_all(&adjoint, &parameters)?;
-                    }
-                    if self.momentum != 0.0 {
-                        velocity_adjoint = Some(
-                            carried
-                                .iter()
-                                .map(|b| b * self.momentum)
-                                .collect::<candle_core::Result<_>>()?,
-                        );
-                    }
-                }
-                if step_parts.is_empty() {
-                    total
-                } else {
-                    step_parts.reverse();
-                    Tensor::cat(&step_parts, 0)?
-                }
-            }
-        };
+        let mut matching_gradient = images.zeros_like()?;
+        for (client, points) in clients.iter().zip(&sweeps) {
+            let adjoint = if client.weight == 1.0 {
+                direction.clone()
+            } else {
+                direction
+                    .iter()
+                    .map(|d| d * client.weight)
+                    .collect::<candle_core::Result<_>>()?
+            };
+            let sweep = AdjointSweep {
+                client,
+                points,
+                images: &images,
+                labels,
+                side,
+            };
+            matching_gradient = self.adjoint_sweep(&sweep, adjoint, matching_gradient)?;
+        }
         let gradient = ((matching_gradient * scale)? + prior)?;
         Ok((objective * scale, gradient))
+    }
+
+    /// The forward half of [`GradientMatcher::finite_difference`] for one client: the parameters
+    /// before each of its local steps (with, for a `forward` difference, the input and parameter
+    /// gradients there; one point at the global parameters for a gradient), and its update.
+    fn forward_sweep(
+        &self,
+        client: &ClientSteps,
+        images: &Tensor,
+        labels: &Tensor,
+        forward: bool,
+    ) -> Result<(Vec<SweepPoint>, Vec<Tensor>)> {
+        let base = self.model.parameters();
+        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+        let Some((lr, _)) = self.unroll else {
+            let (step_images, step_labels) = slice_inputs(images, labels, &client.steps[0])?;
+            let (input, gradient) =
+                self.first_order(&start, &step_images, &step_labels, forward, true)?;
+            // One image-sized tensor: the parameter gradient itself is not a base here (no
+            // parameter products for a single gradient).
+            let point = SweepPoint {
+                theta: start,
+                theta_norm: self.start_norm,
+                input,
+                gradient: None,
+            };
+            return Ok((vec![point], gradient.unwrap_or_default()));
+        };
+        // The delta is taken as theta_S - theta_0, as the client computes it.
+        let mut trajectory = Vec::with_capacity(client.steps.len());
+        let mut current = start.clone();
+        let mut velocity: Option<Vec<Tensor>> = None;
+        for range in &client.steps {
+            let (step_images, step_labels) = slice_inputs(images, labels, range)?;
+            let (input, gradient) =
+                self.first_order(&current, &step_images, &step_labels, forward, true)?;
+            let gradient = gradient.unwrap_or_default();
+            let moved = self.momentum_step(velocity.as_deref(), gradient.clone())?;
+            let step: Vec<Tensor> = moved
+                .iter()
+                .map(|v| v * -lr)
+                .collect::<candle_core::Result<_>>()?;
+            velocity = Some(moved);
+            let next = add_all(&current, &step)?;
+            let theta_norm = if trajectory.is_empty() {
+                self.start_norm
+            } else {
+                squared_norm(&current)?.sqrt()
+            };
+            trajectory.push(SweepPoint {
+                theta: std::mem::replace(&mut current, next),
+                theta_norm,
+                input,
+                gradient: forward.then_some(gradient),
+            });
+        }
+        let delta: Vec<Tensor> = current
+            .iter()
+            .zip(&start)
+            .map(|(end, begin)| end - begin)
+            .collect::<candle_core::Result<_>>()?;
+        Ok((trajectory, delta))
+    }
+
+    /// The backward half of [`GradientMatcher::finite_difference`] for one client: its images' part
+    /// of the matching objective's input gradient, given the adjoint of its update (`adjoint`: the
+    /// objective's direction times the client's weight), added into `total`.
+    fn adjoint_sweep(
+        &self,
+        sweep: &AdjointSweep,
+        adjoint: Vec<Tensor>,
+        mut total: Tensor,
+    ) -> Result<Tensor> {
+        let (images, labels, side) = (sweep.images, sweep.labels, sweep.side);
+        let Some((lr, _)) = self.unroll else {
+            let range = &sweep.client.steps[0];
+            let (step_images, step_labels) = slice_inputs(images, labels, range)?;
+            let (input, _) = self.hessian_products(
+                &sweep.points[0],
+                &adjoint,
+                &step_images,
+                &step_labels,
+                false,
+                side,
+            )?;
+            return add_into(&total, range, &input);
+        };
+        // Steps v_{s+1} = m v_s + g(theta_s), theta_{s+1} = theta_s - lr v_{s+1}, adjoints a (of
+        // theta) and c (of v), a_S = direction, c_S = 0. Back through step s, with b = c_{s+1} - lr
+        // a_{s+1} (v_{s+1}'s whole adjoint): dM/dx += H_x(theta_s) b, a_s = a_{s+1} +
+        // H_theta(theta_s) b, c_s = m b. Plain SGD (m = 0): b = -lr a_{s+1}. Each step's product
+        // is its own images' part (H_x of step s is zero for the others').
+        let mut adjoint = adjoint;
+        let mut velocity_adjoint: Option<Vec<Tensor>> = None;
+        let steps = sweep.points.iter().zip(&sweep.client.steps).enumerate();
+        for (step, (point, range)) in steps.rev() {
+            let (step_images, step_labels) = slice_inputs(images, labels, range)?;
+            let scaled: Vec<Tensor> = adjoint
+                .iter()
+                .map(|a| a * -lr)
+                .collect::<candle_core::Result<_>>()?;
+            let carried = match &velocity_adjoint {
+                Some(c) => add_all(c, &scaled)?,
+                None => scaled,
+            };
+            let (input, parameters) =
+                self.hessian_products(point, &carried, &step_images, &step_labels, step > 0, side)?;
+            total = add_into(&total, range, &input)?;
+            if let Some(parameters) = parameters {
+                adjoint = add_all(&adjoint, &parameters)?;
+            }
+            if self.momentum != 0.0 {
+                velocity_adjoint = Some(
+                    carried
+                        .iter()
+                        .map(|b| b * self.momentum)
+                        .collect::<candle_core::Result<_>>()?,
+                );
+            }
+        }
+        Ok(total)
     }
 
     /// The velocity of one unrolled step: the gradient, plus `momentum` times the previous velocity
@@ -1408,6 +1543,52 @@ fn variable_gradients(
         .collect::<candle_core::Result<_>>()?)
 }
 
+/// The candidate images and soft labels in `range` (all of them, uncopied, when it covers them).
+fn slice_inputs(
+    images: &Tensor,
+    labels: &Tensor,
+    range: &Range<usize>,
+) -> Result<(Tensor, Tensor)> {
+    if range.start == 0 && range.end == images.dim(0)? {
+        return Ok((images.clone(), labels.clone()));
+    }
+    Ok((
+        images.narrow(0, range.start, range.len())?,
+        labels.narrow(0, range.start, range.len())?,
+    ))
+}
+
+/// `total` with `part` added to its rows in `range`.
+fn add_into(total: &Tensor, range: &Range<usize>, part: &Tensor) -> Result<Tensor> {
+    if range.start == 0 && range.end == total.dim(0)? {
+        return Ok((total + part)?);
+    }
+    let sum = (total.narrow(0, range.start, range.len())? + part)?;
+    let mut ranges = vec![range.clone()];
+    ranges.extend(total.dims()[1..].iter().map(|&dim| 0..dim));
+    Ok(total.slice_assign(&ranges, &sum)?)
+}
+
+/// `total` (none yet: zero) plus `weight` times `update`, tensor by tensor.
+fn add_weighted(
+    total: Option<Vec<Tensor>>,
+    update: Vec<Tensor>,
+    weight: f64,
+) -> Result<Vec<Tensor>> {
+    let weighted = if weight == 1.0 {
+        update
+    } else {
+        update
+            .iter()
+            .map(|u| u * weight)
+            .collect::<candle_core::Result<_>>()?
+    };
+    match total {
+        Some(total) => add_all(&total, &weighted),
+        None => Ok(weighted),
+    }
+}
+
 /// Element-wise sums of two parameter lists.
 fn add_all(a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
     Ok(a.iter()
@@ -1483,11 +1664,8 @@ pub fn invert_gradients(
     )?
     .with_loss(config.loss)
     .with_momentum(momentum);
-    // Local steps on batches of their own: step s unrolls on its own slice of the candidates.
-    let matcher = match (view.step_batches, unroll) {
-        (Some(sizes), Some(_)) => matcher.with_step_batches(sizes)?,
-        _ => matcher,
-    };
+    // Each client unrolls its own steps, each on its own slice of the candidates.
+    let matcher = matcher.with_clients(&view.clients)?;
     let matcher = match (labels, source) {
         (
             Some(labels),

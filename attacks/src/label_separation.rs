@@ -206,17 +206,18 @@ pub fn recover_labels(
 ) -> Result<LabelOutcome> {
     let view = observation.update_view().ok();
     if matches!(observation, Observation::ClientUpdate { .. })
-        && view.is_some_and(|view| view.images == 1)
+        && view.as_ref().is_some_and(|view| view.images == 1)
     {
         return infer_label_idlg(observation, model);
     }
     let outcome = recover_batch_labels(observation, model, config, reference)?;
-    Ok(match (outcome, view.and_then(|view| view.step_batches)) {
-        (LabelOutcome::Recovered(mut recovery), Some(sizes)) => {
-            recovery.labels = deal_labels_over_steps(&recovery.labels, sizes);
+    let groups = view.map(|view| view.image_groups()).unwrap_or_default();
+    Ok(match outcome {
+        LabelOutcome::Recovered(mut recovery) if groups.len() > 1 => {
+            recovery.labels = deal_labels_over_steps(&recovery.labels, &groups);
             LabelOutcome::Recovered(recovery)
         }
-        (outcome, _) => outcome,
+        outcome => outcome,
     })
 }
 

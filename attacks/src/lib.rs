@@ -49,11 +49,13 @@ pub use model::{
     PatchEmbeddingLayout, TargetModel,
 };
 pub use observation::{
-    momentum_gradient_weights, LocalBatches, Observation, UpdateSource, UpdateView,
+    momentum_gradient_weights, ClientShare, ClientSteps, LocalBatches, Observation, UpdateSource,
+    UpdateView,
 };
 pub use patch_refinement::{
-    refine_patches, refine_patches_after_steps, refine_patches_after_steps_on_batches,
-    BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
+    refine_patches, refine_patches_after_client_steps, refine_patches_after_steps,
+    refine_patches_after_steps_on_batches, RefinementStep, BATCH_PATCH_REFINEMENT,
+    SINGLE_IMAGE_PATCH_REFINEMENT,
 };
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};

@@ -211,7 +211,10 @@ pub(crate) fn tensor_to_f64(tensor: &Tensor) -> Result<Vec<f64>> {
 pub(crate) fn not_a_client_update(observation: &Observation) -> String {
     match observation {
         Observation::Aggregate { clients, .. } => {
-            format!("an aggregate of {clients} clients mixes the gradients of several inputs")
+            format!(
+                "an aggregate of {} clients mixes the gradients of several inputs",
+                clients.len()
+            )
         }
         other => other
             .update_view()

@@ -1,5 +1,7 @@
 //! What a party observes of a federated round.
 
+use std::ops::Range;
+
 use candle_core::{DType, Tensor};
 
 use crate::model::ParamMap;
@@ -52,6 +54,49 @@ pub enum LocalBatches {
     PerStep(Vec<usize>),
 }
 
+/// One client's part of an aggregate: its weight in the average and how its local steps took their
+/// images. A FedAvg server knows both: it weighs each upload by the images the client holds, and it
+/// sets the training plan (batch size, local steps or epochs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientShare {
+    /// The client's weight in the average (the weights of an aggregate's clients add up to 1).
+    pub weight: f64,
+    /// Images per local batch.
+    pub batch_size: usize,
+    /// Which images its local steps trained on.
+    pub local_batches: LocalBatches,
+}
+
+impl ClientShare {
+    /// `clients` clients of equal weight whose local steps each trained on one batch of
+    /// `batch_size` images: the shares of a FedSGD aggregate over equal holdings.
+    ///
+    /// ```
+    /// let shares = fedleak_attacks::ClientShare::even(4, 8);
+    /// assert_eq!(shares.len(), 4);
+    /// assert_eq!(shares[3].weight, 0.25);
+    /// ```
+    pub fn even(clients: usize, batch_size: usize) -> Vec<ClientShare> {
+        let share = ClientShare {
+            weight: 1.0 / clients.max(1) as f64,
+            batch_size,
+            local_batches: LocalBatches::Repeated,
+        };
+        vec![share; clients]
+    }
+}
+
+/// One client's unrolled training as an attack simulates it: which of the update's images each of
+/// its local steps trained on, and its weight in the observed update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientSteps {
+    /// The client's weight in the observed update (1 for one client's own update).
+    pub weight: f64,
+    /// For each local step the attack unrolls (one for a gradient), the range of the update's images
+    /// it trained on.
+    pub steps: Vec<Range<usize>>,
+}
+
 /// What an attacker holds.
 #[derive(Debug, Clone)]
 pub enum Observation {
@@ -72,10 +117,8 @@ pub enum Observation {
         update: ParamMap,
         /// How each client produced its update.
         source: UpdateSource,
-        /// Number of clients in the aggregate.
-        clients: usize,
-        /// Images per client batch.
-        batch_size: usize,
+        /// Each client's weight and local batches, in the order of the aggregate.
+        clients: Vec<ClientShare>,
     },
     /// Feature vectors (e.g. CLS tokens or class prototypes) in the clear.
     Features {
@@ -90,7 +133,7 @@ pub enum Observation {
 }
 
 /// An observed update (one client's, or an aggregate) as update-reading attacks see it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct UpdateView<'a> {
     /// The update tensors.
     pub update: &'a ParamMap,
@@ -99,10 +142,12 @@ pub struct UpdateView<'a> {
     /// Number of images behind the update (clients x batch size; for local steps on batches of
     /// their own, the sum of the steps' batch sizes).
     pub images: usize,
-    /// For local steps on batches of their own, each step's batch size, in step order (the
-    /// update's images are those batches one after the other); `None` when every step trained on
-    /// the same images.
-    pub step_batches: Option<&'a [usize]>,
+    /// Each client's unrolled steps over the update's images, which are the clients' images one
+    /// client after the other and, within a client whose steps drew batches of their own, one
+    /// step's batch after the other. Clients that each took a single step from the global
+    /// parameters and are weighted by their batch sizes (FedSGD with equal shares) come as one,
+    /// training on all the images: the mean loss over them gives the same update.
+    pub clients: Vec<ClientSteps>,
 }
 
 /// The weight `c_s = sum_{t = s}^{S-1} momentum^(t - s)` of each of `steps` local steps' gradients in
@@ -146,14 +191,51 @@ impl UpdateSource {
 }
 
 impl UpdateView<'_> {
-    /// Local SGD steps an attack unrolls to simulate this update (1 for a gradient, or for a delta
-    /// it cannot unroll and matches as a gradient).
+    /// Local SGD steps an attack unrolls to simulate this update, over all the clients it
+    /// simulates apart (one per client for a gradient, or for a delta it cannot unroll and matches
+    /// as a gradient; one in all for clients it simulates together, see [`UpdateView::clients`]).
     pub fn unrolled_steps(&self) -> usize {
-        match self.source {
-            UpdateSource::SgdDelta { local_steps, .. }
-            | UpdateSource::MomentumSgdDelta { local_steps, .. } => (*local_steps).max(1),
-            UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => 1,
+        self.clients.iter().map(|client| client.steps.len()).sum()
+    }
+
+    /// The sizes of the groups of the update's images that trained together, in image order: one
+    /// group per client whose steps all saw its one batch, one per step for a client whose steps
+    /// drew batches of their own. Label counts say how many images of each class the update holds,
+    /// not in which group; more than one group means the attacks must guess (and search) that.
+    ///
+    /// ```
+    /// use fedleak_attacks::{ClientShare, LocalBatches, Observation, UpdateSource};
+    /// let share = |local_batches| ClientShare { weight: 0.5, batch_size: 2, local_batches };
+    /// let observation = Observation::Aggregate {
+    ///     update: Default::default(),
+    ///     source: UpdateSource::SgdDelta { lr: 0.01, local_steps: 3 },
+    ///     clients: vec![
+    ///         share(LocalBatches::Repeated),
+    ///         share(LocalBatches::PerStep(vec![2, 2, 1])),
+    ///     ],
+    /// };
+    /// let view = observation.update_view().unwrap();
+    /// assert_eq!(view.images, 7);
+    /// assert_eq!(view.image_groups(), vec![2, 2, 2, 1]);
+    /// ```
+    pub fn image_groups(&self) -> Vec<usize> {
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        for range in self.clients.iter().flat_map(|client| &client.steps) {
+            if !groups.contains(range) {
+                groups.push(range.clone());
+            }
         }
+        groups.iter().map(ExactSizeIterator::len).collect()
+    }
+}
+
+/// Local SGD steps an attack unrolls to simulate an update from `source` (1 for a gradient, or for a
+/// delta it cannot unroll and matches as a gradient).
+fn unrolled_steps(source: &UpdateSource) -> usize {
+    match source {
+        UpdateSource::SgdDelta { local_steps, .. }
+        | UpdateSource::MomentumSgdDelta { local_steps, .. } => (*local_steps).max(1),
+        UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => 1,
     }
 }
 
@@ -198,43 +280,81 @@ impl Observation {
     /// assert_eq!(seen.update_view().unwrap_err(), "only ciphertext is observed (GLWE N=2048)");
     /// ```
     pub fn update_view(&self) -> Result<UpdateView<'_>, String> {
-        match self {
+        let (update, source, shares) = match self {
             Observation::ClientUpdate {
                 update,
                 source,
                 batch_size,
                 local_batches,
-            } => Ok(match local_batches {
-                LocalBatches::PerStep(sizes) if sizes.len() > 1 => UpdateView {
-                    update,
-                    source,
-                    images: sizes.iter().sum(),
-                    step_batches: Some(sizes),
-                },
-                _ => UpdateView {
-                    update,
-                    source,
-                    images: *batch_size,
-                    step_batches: None,
-                },
-            }),
+            } => (
+                update,
+                source,
+                vec![ClientShare {
+                    weight: 1.0,
+                    batch_size: *batch_size,
+                    local_batches: local_batches.clone(),
+                }],
+            ),
             Observation::Aggregate {
                 update,
                 source,
                 clients,
-                batch_size,
-            } => Ok(UpdateView {
-                update,
-                source,
-                images: clients * batch_size,
-                step_batches: None,
-            }),
-            Observation::Features { .. } => Err(
-                "features are observed in the clear; there is no gradient to invert".to_string(),
-            ),
-            Observation::Ciphertext { description } => {
-                Err(format!("only ciphertext is observed ({description})"))
+            } => (update, source, clients.clone()),
+            Observation::Features { .. } => {
+                return Err(
+                    "features are observed in the clear; there is no gradient to invert"
+                        .to_string(),
+                )
             }
-        }
+            Observation::Ciphertext { description } => {
+                return Err(format!("only ciphertext is observed ({description})"))
+            }
+        };
+        let repeated_steps = unrolled_steps(source);
+        let mut first = 0;
+        let clients = shares
+            .iter()
+            .map(|share| {
+                let steps = match &share.local_batches {
+                    LocalBatches::PerStep(sizes) if sizes.len() > 1 => sizes
+                        .iter()
+                        .map(|&size| {
+                            first += size;
+                            first - size..first
+                        })
+                        .collect(),
+                    _ => {
+                        first += share.batch_size;
+                        vec![first - share.batch_size..first; repeated_steps]
+                    }
+                };
+                ClientSteps {
+                    weight: share.weight,
+                    steps,
+                }
+            })
+            .collect::<Vec<ClientSteps>>();
+        // Clients that each took one step from the global parameters, weighted by their batch sizes,
+        // add up to one step on all their images together (the mean loss over all of them): one
+        // pass simulates them, and which client held which image does not matter.
+        let joint = clients.iter().all(|client| {
+            client.steps.len() == 1
+                && (client.weight - client.steps[0].len() as f64 / first.max(1) as f64).abs()
+                    <= 1e-9
+        });
+        let clients = if joint && clients.len() > 1 {
+            vec![ClientSteps {
+                weight: 1.0,
+                steps: std::iter::once(0..first).collect(),
+            }]
+        } else {
+            clients
+        };
+        Ok(UpdateView {
+            update,
+            source,
+            images: first,
+            clients,
+        })
     }
 }

@@ -39,6 +39,8 @@
 //! With heavy-ball momentum step `s`'s gradient enters the delta with `-lr c_s` instead: at momentum
 //! 0.9 (otherwise the same, clients 1 2 4 8) 22.19 / 0.367 -> 22.91 / 0.442.
 
+use std::ops::Range;
+
 use candle_core::Tensor;
 
 use crate::april::{
@@ -131,6 +133,69 @@ pub fn refine_patches_after_steps_on_batches(
     labels: &[u32],
     ridge: f64,
 ) -> Result<Option<Tensor>> {
+    let batch = images.dim(0)?;
+    let ranges: Vec<Range<usize>> = match step_batches {
+        Some(sizes) => {
+            if sizes.len() != steps.len() || sizes.iter().sum::<usize>() != batch {
+                return Err(AttackError::Configuration {
+                    attack: ATTACK,
+                    reason: format!(
+                        "step batches {sizes:?} for {} step(s) and {batch} image(s)",
+                        steps.len()
+                    ),
+                });
+            }
+            let mut first = 0;
+            sizes
+                .iter()
+                .map(|&size| {
+                    first += size;
+                    first - size..first
+                })
+                .collect()
+        }
+        None => vec![0..batch; steps.len()],
+    };
+    let steps: Vec<RefinementStep> = steps
+        .iter()
+        .zip(ranges)
+        .map(|((parameters, factor), images)| RefinementStep {
+            parameters: parameters.clone(),
+            factor: *factor,
+            images,
+        })
+        .collect();
+    refine_patches_after_client_steps(model, update, &steps, images, labels, ridge)
+}
+
+/// One gradient inside an observed update, for [`refine_patches_after_client_steps`].
+#[derive(Debug, Clone)]
+pub struct RefinementStep {
+    /// The parameters the gradient was taken at.
+    pub parameters: ParamMap,
+    /// The factor it enters the update with (`-lr c_s` for a local SGD step, times the client's
+    /// weight in an aggregate).
+    pub factor: f64,
+    /// The images it was taken on, a range of all the update's images.
+    pub images: Range<usize>,
+}
+
+/// [`refine_patches`] for any update that is a weighted sum of gradients on parts of the images:
+/// one client's local steps (on one batch, or each on its own) or an aggregate of several clients'
+/// (each unrolled on its own images). The patch embedding's part is `sum_s f_s G_s^T X_s`, linear
+/// in the patches, with each image's token gradients summed over the steps that took it.
+///
+/// # Errors
+/// As [`refine_patches`]; [`AttackError::Configuration`] when a step's images lie outside
+/// `images`.
+pub fn refine_patches_after_client_steps(
+    model: &dyn TargetModel,
+    update: &ParamMap,
+    steps: &[RefinementStep],
+    images: &Tensor,
+    labels: &[u32],
+    ridge: f64,
+) -> Result<Option<Tensor>> {
     let Some(layout) = model.patch_embedding() else {
         return Ok(None);
     };
@@ -140,53 +205,15 @@ pub fn refine_patches_after_steps_on_batches(
         return Ok(None);
     }
     let batch = images.dim(0)?;
-    if let Some(sizes) = step_batches {
-        if sizes.len() != steps.len() || sizes.iter().sum::<usize>() != batch {
-            return Err(AttackError::Configuration {
-                attack: ATTACK,
-                reason: format!(
-                    "step batches {sizes:?} for {} step(s) and {batch} image(s)",
-                    steps.len()
-                ),
-            });
-        }
-    }
-    let targets = one_hot(labels, model.num_classes(), images.dtype(), images.device())?;
-    // The steps' token gradients, each with its factor: summed when every step saw all images,
-    // one after the other (each step's own images) otherwise. Either way the delta's product with X.
-    let mut summed: Option<Tensor> = None;
-    let mut own: Vec<Tensor> = Vec::new();
-    let mut first = 0;
-    for (step, (parameters, factor)) in steps.iter().enumerate() {
-        let (step_images, step_targets) = match step_batches {
-            Some(sizes) => {
-                let slice = (
-                    images.narrow(0, first, sizes[step])?,
-                    targets.narrow(0, first, sizes[step])?,
-                );
-                first += sizes[step];
-                slice
-            }
-            None => (images.clone(), targets.clone()),
-        };
-        let Some(tokens) = model.token_gradients(parameters, &step_images, &step_targets)? else {
-            return Ok(None);
-        };
-        let tokens = (tokens * *factor)?;
-        if step_batches.is_some() {
-            own.push(tokens);
-            continue;
-        }
-        summed = Some(match summed {
-            Some(sum) => (sum + tokens)?,
-            None => tokens,
+    if let Some(step) = steps.iter().find(|step| step.images.end > batch) {
+        return Err(AttackError::Configuration {
+            attack: ATTACK,
+            reason: format!("a step on images {:?} of {batch}", step.images),
         });
     }
-    let tokens = match summed {
-        Some(tokens) => tokens,
-        None if !own.is_empty() => Tensor::cat(&own, 0)?,
-        None => return Ok(None),
-    };
+    if steps.is_empty() {
+        return Ok(None);
+    }
     let k = c * p * p;
     let n = (h / p) * (w / p);
     let cls = usize::from(layout.has_cls_token);
@@ -201,16 +228,34 @@ pub fn refine_patches_after_steps_on_batches(
             ),
         });
     }
-    let tokens = tensor_to_f64(&tokens)?;
-    if tokens.len() != batch * (n + cls) * d {
-        return Err(AttackError::Observation {
-            name: "token gradients".into(),
-            reason: format!(
-                "expected {batch} x {} x {d} values from the model, got {}",
-                n + cls,
-                tokens.len()
-            ),
-        });
+    // Each image's token gradients, summed over the steps that took it with their factors.
+    let targets = one_hot(labels, model.num_classes(), images.dtype(), images.device())?;
+    let per_image = (n + cls) * d;
+    let mut tokens = vec![0f64; batch * per_image];
+    for step in steps {
+        let (first, count) = (step.images.start, step.images.len());
+        let Some(step_tokens) = model.token_gradients(
+            &step.parameters,
+            &images.narrow(0, first, count)?,
+            &targets.narrow(0, first, count)?,
+        )?
+        else {
+            return Ok(None);
+        };
+        let step_tokens = tensor_to_f64(&(step_tokens * step.factor)?)?;
+        if step_tokens.len() != count * per_image {
+            return Err(AttackError::Observation {
+                name: "token gradients".into(),
+                reason: format!(
+                    "expected {count} x {} x {d} values from the model, got {}",
+                    n + cls,
+                    step_tokens.len()
+                ),
+            });
+        }
+        for (sum, value) in tokens[first * per_image..].iter_mut().zip(step_tokens) {
+            *sum += value;
+        }
     }
     // The patch tokens' gradients, one per unknown patch row, images one after the other.
     let gradients: Vec<&[f64]> = tokens

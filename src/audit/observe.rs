@@ -1,7 +1,7 @@
 //! What the honest-but-curious server observes of a captured plain (unprotected) upload.
 
 use candle_core::{DType, Device, Tensor};
-use fedleak_attacks::{LocalBatches, Observation, UpdateSource};
+use fedleak_attacks::{ClientShare, LocalBatches, Observation, UpdateSource};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{load_data, DataSpec};
@@ -75,42 +75,49 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
             local_steps: meta.local_steps,
         },
     };
-    if let Some(unmodelled) = meta.unmodelled_local_batches() {
-        tracing::warn!(
-            "{}: {unmodelled}: expect a weak reconstruction",
-            capture.origin
-        );
-    }
-    let step_batches = meta.step_batch_sizes();
-    if let Some(sizes) = &step_batches {
-        tracing::info!(
-            "{}: {} local steps drew batches of their own from {} images; the optimisation \
-             attacks unroll each step on its own candidates, {} in all (an image drawn twice is \
-             reconstructed twice)",
-            capture.origin,
-            sizes.len(),
-            meta.num_samples,
-            sizes.iter().sum::<usize>()
-        );
-    }
-    // An aggregate of one client is that client's update: every single-input attack applies to it.
-    Ok(if meta.aggregate_of.len() <= 1 {
-        Observation::ClientUpdate {
-            update,
-            source,
-            batch_size: meta.batch_size,
-            local_batches: match step_batches {
+    let samples = meta.client_samples();
+    let total = samples.iter().sum::<usize>().max(1);
+    let shares: Vec<ClientShare> = samples
+        .iter()
+        .map(|&held| ClientShare {
+            weight: held as f64 / total as f64,
+            batch_size: meta.batch_size.min(held),
+            local_batches: match meta.step_batch_sizes(held) {
                 Some(sizes) => LocalBatches::PerStep(sizes),
                 None => LocalBatches::Repeated,
             },
-        }
-    } else {
-        Observation::Aggregate {
+        })
+        .collect();
+    let per_step: Vec<usize> = shares
+        .iter()
+        .filter_map(|share| match &share.local_batches {
+            LocalBatches::PerStep(sizes) => Some(sizes.iter().sum()),
+            LocalBatches::Repeated => None,
+        })
+        .collect();
+    if !per_step.is_empty() {
+        tracing::info!(
+            "{}: the local steps of {} client(s) drew batches of their own; the optimisation \
+             attacks unroll each client's steps from the global model, each step on its own \
+             candidates, {} in all for them (an image drawn twice is reconstructed twice)",
+            capture.origin,
+            per_step.len(),
+            per_step.iter().sum::<usize>()
+        );
+    }
+    // An aggregate of one client is that client's update: every single-input attack applies to it.
+    Ok(match <[ClientShare; 1]>::try_from(shares) {
+        Ok([share]) => Observation::ClientUpdate {
             update,
             source,
-            clients: meta.aggregate_of.len(),
-            batch_size: meta.batch_size,
-        }
+            batch_size: share.batch_size,
+            local_batches: share.local_batches,
+        },
+        Err(clients) => Observation::Aggregate {
+            update,
+            source,
+            clients,
+        },
     })
 }
 

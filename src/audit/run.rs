@@ -668,18 +668,6 @@ pub fn run_audit(
                         batch_size: private.1.len(),
                         ..base_row.clone()
                     };
-                    // The optimisation attacks unroll one client's local steps on batches of
-                    // their own, not an aggregate of several clients' such steps: that is beyond
-                    // them (not a defence).
-                    if let Some(unmodelled) = capture
-                        .meta
-                        .unmodelled_local_batches()
-                        .filter(|_| kind != AttackKind::April)
-                    {
-                        row.reason = format!("not applicable: {unmodelled}");
-                        scheme_rows.push(row);
-                        continue;
-                    }
                     // An attack too large for this machine's memory would get the whole audit
                     // killed: it is skipped, with the reason.
                     if let Some(reason) = memory_shortfall(kind, &observation, capture, config) {

@@ -75,6 +75,10 @@ pub struct CaptureMeta {
     /// For an aggregate capture, the clients whose updates it averages (empty for one client's update).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aggregate_of: Vec<usize>,
+    /// For an aggregate capture, each of those clients' number of training images (its weight in
+    /// the average, which the server applies), in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aggregate_samples: Vec<usize>,
 }
 
 impl CaptureMeta {
@@ -84,71 +88,65 @@ impl CaptureMeta {
         !self.aggregate_of.is_empty()
     }
 
-    /// Whether the update's local steps went through different batches: a weight delta of more than
-    /// one step from a client holding more images than a batch (for an aggregate, more than a batch
-    /// per client on average), so each step drew its own. Inverting Gradients unrolls every step on
-    /// one candidate batch, which does not describe such an update.
+    /// The number of training images of each client behind the update (their aggregation weights):
+    /// `num_samples` for one client's upload; for an aggregate, `aggregate_samples`, or, in a
+    /// sidecar written before it was recorded, the total split as evenly as it goes.
     ///
     /// ```
     /// let text = r#"{"round": 1, "client": 0, "algorithm": "fedavg", "update_kind": "weight_delta",
     ///     "optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "local_steps": 4,
-    ///     "batch_size": 4, "num_samples": 111, "scheme": "none", "seed": 1, "upload_bytes": 0}"#;
+    ///     "batch_size": 4, "num_samples": 10, "scheme": "none", "seed": 1, "upload_bytes": 0,
+    ///     "aggregate_of": [0, 1, 2]}"#;
     /// let mut meta: fedleak::fl::CaptureMeta = serde_json::from_str(text).unwrap();
-    /// assert!(meta.local_batches_differ());
-    /// meta.num_samples = 4; // one batch, seen at every step
-    /// assert!(!meta.local_batches_differ());
+    /// assert_eq!(meta.client_samples(), vec![4, 3, 3]);
+    /// meta.aggregate_samples = vec![2, 5, 3];
+    /// assert_eq!(meta.client_samples(), vec![2, 5, 3]);
     /// ```
-    pub fn local_batches_differ(&self) -> bool {
-        self.update_kind == UpdateKind::WeightDelta
-            && self.local_steps > 1
-            && self.num_samples > self.batch_size * self.aggregate_of.len().max(1)
+    pub fn client_samples(&self) -> Vec<usize> {
+        let clients = self.aggregate_of.len();
+        if clients == 0 {
+            return vec![self.num_samples];
+        }
+        if self.aggregate_samples.len() == clients {
+            return self.aggregate_samples.clone();
+        }
+        (0..clients)
+            .map(|k| self.num_samples / clients + usize::from(k < self.num_samples % clients))
+            .collect()
     }
 
-    /// For one client's update whose local steps went through different batches
-    /// ([`CaptureMeta::local_batches_differ`]), each step's batch size in step order, as the attacker
-    /// derives it from the protocol: a batch of `batch_size` per step for a fixed number of steps;
-    /// for local epochs, each pass's batches, the last one holding the remainder. `None` for an
-    /// aggregate of several clients and for updates whose steps all saw one batch.
+    /// For a client holding `held` images whose local steps went through different batches (a
+    /// weight delta of more than one step, from more images than a batch), each step's batch size
+    /// in step order, as the attacker derives it from the protocol: a batch of `batch_size` per
+    /// step for a fixed number of steps; for local epochs, each pass's batches, the last one
+    /// holding the remainder. `None` when every step saw the client's one batch.
     ///
     /// ```
     /// let text = r#"{"round": 1, "client": 0, "algorithm": "fedavg", "update_kind": "weight_delta",
     ///     "optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "local_steps": 4,
     ///     "batch_size": 4, "num_samples": 10, "scheme": "none", "seed": 1, "upload_bytes": 0}"#;
     /// let mut meta: fedleak::fl::CaptureMeta = serde_json::from_str(text).unwrap();
-    /// assert_eq!(meta.step_batch_sizes(), Some(vec![4, 4, 4, 4]));
+    /// assert_eq!(meta.step_batch_sizes(10), Some(vec![4, 4, 4, 4]));
+    /// assert_eq!(meta.step_batch_sizes(4), None); // one batch, seen at every step
     /// meta.local_steps = 6; // two epochs over 10 images in batches of 4
     /// meta.local_epochs = Some(2);
-    /// assert_eq!(meta.step_batch_sizes(), Some(vec![4, 4, 2, 4, 4, 2]));
+    /// assert_eq!(meta.step_batch_sizes(10), Some(vec![4, 4, 2, 4, 4, 2]));
     /// ```
-    pub fn step_batch_sizes(&self) -> Option<Vec<usize>> {
-        if self.aggregate_of.len() > 1 || !self.local_batches_differ() {
+    pub fn step_batch_sizes(&self, held: usize) -> Option<Vec<usize>> {
+        let batch = self.batch_size;
+        if self.update_kind != UpdateKind::WeightDelta
+            || self.local_steps <= 1
+            || batch == 0
+            || held <= batch
+        {
             return None;
         }
-        let (held, batch) = (self.num_samples, self.batch_size);
         let pass: Vec<usize> = (0..held.div_ceil(batch))
             .map(|k| batch.min(held - k * batch))
             .collect();
         Some(match self.local_epochs {
-            Some(epochs) if epochs * pass.len() == self.local_steps => pass.repeat(epochs),
-            _ => vec![batch; self.local_steps],
-        })
-    }
-
-    /// What the optimisation attacks cannot model in this update, for warnings and report rows:
-    /// `Some` for an aggregate of several clients whose local steps went through different batches
-    /// ([`CaptureMeta::local_batches_differ`]; one client's such update is unrolled step by step on
-    /// batches of their own, see [`CaptureMeta::step_batch_sizes`]).
-    pub fn unmodelled_local_batches(&self) -> Option<String> {
-        (self.aggregate_of.len() > 1 && self.local_batches_differ()).then(|| {
-            format!(
-                "{} local steps of {} clients drew different batches of {} from their {} images; \
-                 Inverting Gradients and DLG unroll each step on a batch of its own for one \
-                 client's update, not for an aggregate of several clients' steps",
-                self.local_steps,
-                self.aggregate_of.len(),
-                self.batch_size,
-                self.num_samples
-            )
+            Some(epochs) => pass.repeat(epochs),
+            None => vec![batch; self.local_steps],
         })
     }
 

@@ -501,6 +501,11 @@ impl CaptureContext<'_> {
             } else {
                 Vec::new()
             },
+            aggregate_samples: if aggregate {
+                members.iter().map(|m| m.samples).collect()
+            } else {
+                Vec::new()
+            },
         };
         let private = PrivateBatch {
             data: self.data_name.to_string(),

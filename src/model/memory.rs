@@ -114,7 +114,8 @@ pub struct AttackStepPlan<'a> {
     pub kind: AttackStepKind,
     /// Images behind the attacked update.
     pub images: usize,
-    /// Local SGD steps the attack unrolls (1 for a gradient).
+    /// Local SGD steps the attack unrolls, over all the clients it simulates apart (1 for a
+    /// gradient): the parameter-sized points it holds.
     pub local_steps: usize,
     /// Bytes per tensor element (4 for f32, 8 for f64).
     pub element_bytes: usize,
