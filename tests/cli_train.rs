@@ -258,6 +258,12 @@ fn a_single_client_keeps_its_own_capture_beside_the_aggregate() {
     };
     assert!(sidecar("client-0").get("aggregate_of").is_none());
     assert_eq!(sidecar("aggregate")["aggregate_of"], serde_json::json!([0]));
+    assert_eq!(
+        sidecar("aggregate")["aggregate_samples"],
+        serde_json::json!([sidecar("client-0")["num_samples"]])
+    );
+    // FedSGD applies no weight decay (whatever `--weight-decay` says, AdamW's setting).
+    assert_eq!(sidecar("client-0")["weight_decay"], serde_json::json!(0.0));
     assert!(tmp
         .path()
         .join("run/private/round-0001/aggregate.json")

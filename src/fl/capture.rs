@@ -53,7 +53,7 @@ pub struct CaptureMeta {
     pub lr: f64,
     /// SGD momentum.
     pub momentum: f64,
-    /// AdamW weight decay.
+    /// AdamW's decoupled weight decay, as applied (0 for SGD and FedSGD, which apply none).
     pub weight_decay: f64,
     /// Number of local optimizer steps taken (1 for FedSGD).
     pub local_steps: usize,

@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::capture::{Capture, CaptureMeta, PrivateBatch, UpdateKind};
-use super::config::{Algorithm, FlConfig, LocalWork};
+use super::config::{Algorithm, FlConfig, LocalWork, OptimizerKind};
 use super::optim::LocalOptimizer;
 use super::transmission::Transmission;
 use crate::data::{partition_labels, DataSplits, Dataset, Partition};
@@ -485,7 +485,11 @@ impl CaptureContext<'_> {
             optimizer: fl.optimizer,
             lr: fl.lr,
             momentum: fl.momentum,
-            weight_decay: fl.weight_decay,
+            // Only FedAvg's AdamW decays weights; a sidecar states what was applied.
+            weight_decay: match (fl.algorithm, fl.optimizer) {
+                (Algorithm::Fedavg, OptimizerKind::Adamw) => fl.weight_decay,
+                _ => 0.0,
+            },
             local_steps: first.len(),
             local_epochs: match (fl.algorithm, fl.local_work()) {
                 (Algorithm::Fedavg, LocalWork::Epochs(epochs)) => Some(epochs),
