@@ -10,9 +10,10 @@ use fedleak::model::{
     init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind, VitConfig, VitTarget,
 };
 use fedleak_attacks::{
-    enable_second_order_gradients, invert_gradients, total_variation, AttackOutcome, ClientShare,
-    ClientSteps, GradientMatcher, ImagePrior, InputGradient, InvertingGradientsConfig,
-    LocalBatches, MatchingLoss, Observation, ParamMap, TargetModel, UpdateSource,
+    enable_second_order_gradients, invert_gradients, seconds_per_evaluation, total_variation,
+    AttackOutcome, ClientShare, ClientSteps, GradientMatcher, ImagePrior, InputGradient,
+    InvertingGradientsConfig, LocalBatches, MatchingLoss, Observation, ParamMap, TargetModel,
+    UpdateSource,
 };
 
 /// 8x8 RGB, patch 4, width 8, one block: small enough for finite differences.
@@ -838,6 +839,15 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
         after > before + 3.0,
         "IG improved PSNR only from {before:.2} to {after:.2} dB"
     );
+    // What `fedleak attack` announces a run's length from: a step of this attack, or nothing
+    // when the labels do not fit the observation.
+    let per_step = seconds_per_evaluation(&observation, &model, &[label], &config).unwrap();
+    assert!(
+        per_step.is_some_and(|s| s.is_finite() && s >= 0.0),
+        "{per_step:?}"
+    );
+    let misfit = seconds_per_evaluation(&observation, &model, &[label, label], &config).unwrap();
+    assert!(misfit.is_none());
 
     // DLG (squared L2, no prior) from the same start, on the same gradient.
     let dlg = InvertingGradientsConfig {

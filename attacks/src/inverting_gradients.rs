@@ -85,7 +85,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
-use crate::observation::{momentum_gradient_weights, ClientSteps, Observation, UpdateSource};
+use crate::observation::{
+    momentum_gradient_weights, ClientSteps, Observation, UpdateSource, UpdateView,
+};
 use crate::patch_refinement::{
     refine_patches_after_client_steps, RefinementStep, BATCH_PATCH_REFINEMENT,
     SINGLE_IMAGE_PATCH_REFINEMENT,
@@ -1605,6 +1607,88 @@ fn zeros_like_all(like: &[Tensor]) -> Result<Vec<Tensor>> {
         .collect::<candle_core::Result<_>>()?)
 }
 
+/// The matcher [`invert_gradients`] optimises against for `view` under `labels` and `config`: the
+/// update's unrolled steps (with momentum), each client on its own candidates, and the patch
+/// refinement where it applies.
+fn matcher_for<'a>(
+    view: &UpdateView<'a>,
+    model: &'a dyn TargetModel,
+    labels: Option<&[u32]>,
+    config: &InvertingGradientsConfig,
+) -> Result<GradientMatcher<'a>> {
+    let source = view.source;
+    let (unroll, momentum) = match source {
+        UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => (None, 0.0),
+        UpdateSource::SgdDelta { lr, local_steps } => (Some((*lr, *local_steps)), 0.0),
+        UpdateSource::MomentumSgdDelta {
+            lr,
+            momentum,
+            local_steps,
+        } => (Some((*lr, *local_steps)), *momentum),
+    };
+    let matcher = GradientMatcher::new(
+        model,
+        view.update,
+        unroll,
+        labels,
+        ImagePrior {
+            tv_weight: config.tv_weight,
+            opponent_tv_weight: config.opponent_tv_weight,
+            patch_weight: config.patch_weight,
+            patch_size: model
+                .patch_embedding()
+                .map_or(0, |layout| layout.patch_size),
+        },
+        config.input_gradient,
+    )?
+    .with_loss(config.loss)
+    .with_momentum(momentum)
+    // Each client unrolls its own steps, each on its own slice of the candidates.
+    .with_clients(&view.clients)?;
+    Ok(match (labels, source) {
+        (
+            Some(labels),
+            UpdateSource::Gradient
+            | UpdateSource::SgdDelta { .. }
+            | UpdateSource::MomentumSgdDelta { .. },
+        ) => matcher.with_patch_refinement(config.patch_refinement, labels),
+        _ => matcher,
+    })
+}
+
+/// Seconds one evaluation of [`invert_gradients`]' objective and input gradient takes on
+/// `observation` under known `labels` and `config` (the second of two at random candidates, the
+/// first warming up), for telling a user before a long run how long it will be: a run makes
+/// about `iterations` evaluations per round of concurrent restarts, plus the patch refinements and,
+/// for images in several groups, the candidate search (a forward unroll per move tried). `None`
+/// when Inverting Gradients does not apply to the observation or the labels do not fit it.
+///
+/// # Errors
+/// As [`invert_gradients`].
+pub fn seconds_per_evaluation(
+    observation: &Observation,
+    model: &dyn TargetModel,
+    labels: &[u32],
+    config: &InvertingGradientsConfig,
+) -> Result<Option<f64>> {
+    let Ok(view) = observation.update_view() else {
+        return Ok(None);
+    };
+    if labels.len() != view.images {
+        return Ok(None);
+    }
+    let matcher = matcher_for(&view, model, Some(labels), config)?;
+    let (c, h, w) = model.input_dims();
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let values: Vec<f32> = (0..view.images * c * h * w).map(|_| rng.random()).collect();
+    let images = Tensor::from_vec(values, (view.images, c, h, w), &matcher.device)?
+        .to_dtype(matcher.dtype)?;
+    matcher.objective_and_gradient_at_step(&images, 0)?;
+    let started = Instant::now();
+    matcher.objective_and_gradient_at_step(&images, 1)?;
+    Ok(Some(started.elapsed().as_secs_f64()))
+}
+
 /// Runs Inverting Gradients with the given labels (from iDLG or label-count recovery), or, when
 /// `labels` is `None`, optimises soft labels jointly with the images as the original DLG does (from
 /// random logits; the returned labels are their argmax, and the gradients are then exact double
@@ -1630,51 +1714,15 @@ pub fn invert_gradients(
         Ok(view) => view,
         Err(reason) => return Ok(not_applicable(config.loss, &reason)),
     };
-    let (update, source, batch) = (view.update, view.source, view.images);
+    let batch = view.images;
     if let Some(labels) = labels.filter(|l| l.len() != batch) {
         return Ok(not_applicable(
             config.loss,
             &format!("needs {batch} labels (one per image), got {}", labels.len()),
         ));
     }
-    let (unroll, momentum) = match source {
-        UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => (None, 0.0),
-        UpdateSource::SgdDelta { lr, local_steps } => (Some((*lr, *local_steps)), 0.0),
-        UpdateSource::MomentumSgdDelta {
-            lr,
-            momentum,
-            local_steps,
-        } => (Some((*lr, *local_steps)), *momentum),
-    };
     let started = Instant::now();
-    let matcher = GradientMatcher::new(
-        model,
-        update,
-        unroll,
-        labels,
-        ImagePrior {
-            tv_weight: config.tv_weight,
-            opponent_tv_weight: config.opponent_tv_weight,
-            patch_weight: config.patch_weight,
-            patch_size: model
-                .patch_embedding()
-                .map_or(0, |layout| layout.patch_size),
-        },
-        config.input_gradient,
-    )?
-    .with_loss(config.loss)
-    .with_momentum(momentum);
-    // Each client unrolls its own steps, each on its own slice of the candidates.
-    let matcher = matcher.with_clients(&view.clients)?;
-    let matcher = match (labels, source) {
-        (
-            Some(labels),
-            UpdateSource::Gradient
-            | UpdateSource::SgdDelta { .. }
-            | UpdateSource::MomentumSgdDelta { .. },
-        ) => matcher.with_patch_refinement(config.patch_refinement, labels),
-        _ => matcher,
-    };
+    let matcher = matcher_for(&view, model, labels, config)?;
     let (c, h, w) = model.input_dims();
     let (dtype, device) = (matcher.dtype, matcher.device.clone());
     let mut rng = StdRng::seed_from_u64(config.seed);

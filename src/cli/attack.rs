@@ -13,9 +13,10 @@ use fedleak::fl::read_capture;
 use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
-    invert_gradients, reconstruct_april, recover_classifier_input, recover_labels, AttackOutcome,
-    FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig,
-    LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
+    invert_gradients, reconstruct_april, recover_classifier_input, recover_labels,
+    seconds_per_evaluation, AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient,
+    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
+    ReferenceImages, TargetModel,
 };
 use fedleak_metrics::{match_batch, score_labels, score_matched_labels, ImageDims, RecoveredLabel};
 use serde::Serialize;
@@ -409,6 +410,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
                     reference.as_ref(),
                 )? {
                     LabelOutcome::Recovered(r) => {
+                        announce_duration(&observation, &target, &r.labels, &config)?;
                         invert_gradients(&observation, &target, Some(&r.labels), &config)?
                     }
                     LabelOutcome::NotApplicable { attack, reason } => {
@@ -441,6 +443,42 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         "out": args.out,
     });
     println!("{summary}");
+    Ok(())
+}
+
+/// Expected runs longer than this many seconds are announced as a warning, with what shortens them.
+const LONG_ATTACK_SECONDS: f64 = 600.0;
+
+/// Logs how long Inverting Gradients will take here, from one evaluation of its step timed before
+/// the run ([`seconds_per_evaluation`]): a client holding many images unrolls many steps on many
+/// candidates, and a run can take hours.
+fn announce_duration(
+    observation: &Observation,
+    target: &VitTarget,
+    labels: &[u32],
+    config: &InvertingGradientsConfig,
+) -> Result<()> {
+    let Some(seconds) = seconds_per_evaluation(observation, target, labels, config)? else {
+        return Ok(());
+    };
+    let rounds = config
+        .restarts
+        .max(1)
+        .div_ceil(config.restart_workers.max(1));
+    let total = seconds * (config.iterations * rounds) as f64;
+    let message = format!(
+        "Inverting Gradients on {} image(s): one evaluation took {seconds:.3} s; {} iterations x \
+         {rounds} round(s) of restarts make about {:.0} min (more with restarts running at once; \
+         not counting the patch refinements and the search over which step held which candidate)",
+        labels.len(),
+        config.iterations,
+        total / 60.0
+    );
+    if total > LONG_ATTACK_SECONDS {
+        tracing::warn!("{message}; `--iterations` and `--restarts` shorten it");
+    } else {
+        tracing::info!("{message}");
+    }
     Ok(())
 }
 
