@@ -191,10 +191,11 @@ fn gradient_sign(source: &UpdateSource) -> std::result::Result<f64, String> {
 
 /// Recovers one label per image behind an update, by the strongest label attack that applies: iDLG
 /// ([`infer_label_idlg`]) for one client's single image, [`recover_batch_labels`] for a batch or an
-/// aggregate. For local steps on batches of their own ([`crate::LocalBatches::PerStep`]) the update
-/// tells only the counts over all steps, not which step held which label: the labels come back
-/// dealt out over the steps in turn ([`deal_labels_over_steps`]), in the order of the update's images
-/// that [`crate::invert_gradients`] takes them in.
+/// aggregate. For images in several groups ([`crate::UpdateView::image_groups`]: local steps on
+/// batches of their own, [`crate::LocalBatches::PerStep`], or the clients of an aggregate that are
+/// simulated apart) the update tells only the counts over all of them, not which group held which
+/// label: the labels come back dealt out over the groups in turn ([`deal_labels_over_steps`]), in
+/// the order of the update's images that [`crate::invert_gradients`] takes them in.
 ///
 /// # Errors
 /// As those attacks.
