@@ -283,4 +283,25 @@ fn a_corrupt_capture_is_named_and_nothing_is_written() {
         );
         assert!(!tmp.path().join("refused").exists());
     }
+
+    // An aggregate's holdings that do not fit its clients (its attack weights).
+    let aggregate = tmp
+        .path()
+        .join("out/captures/round-0001/aggregate/update.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&aggregate).unwrap()).unwrap();
+    meta["aggregate_samples"] = serde_json::json!([3]);
+    std::fs::write(&aggregate, meta.to_string()).unwrap();
+    let out = fedleak(
+        tmp.path(),
+        &[
+            "attack",
+            "--capture",
+            "out/captures/round-0001/aggregate",
+            "--out",
+            "refused",
+        ],
+    );
+    assert_bad_input(&out, &["aggregate/update.json", "aggregate_samples [3]"]);
+    assert!(!tmp.path().join("refused").exists());
 }

@@ -259,6 +259,26 @@ pub fn read_capture(path: &Path, with_private: bool, device: &Device) -> Result<
             hint: "re-run `fedleak train` to rewrite the capture; a sidecar edited by hand must keep the values training used".into(),
         });
     }
+    // The attacks weigh each client of an aggregate by its holding.
+    let holdings = &meta.aggregate_samples;
+    if !holdings.is_empty()
+        && (holdings.len() != meta.aggregate_of.len()
+            || holdings.contains(&0)
+            || holdings.iter().sum::<usize>() != meta.num_samples)
+    {
+        return Err(Error::InvalidDataset {
+            source_name: sidecar.display().to_string(),
+            reason: format!(
+                "aggregate_samples {holdings:?} does not give a positive holding for each of the \
+                 {} clients in aggregate_of adding up to num_samples {}",
+                meta.aggregate_of.len(),
+                meta.num_samples
+            ),
+            hint: "re-run `fedleak train` to rewrite the capture, or remove aggregate_samples to \
+                   have the clients' holdings taken as equal"
+                .into(),
+        });
+    }
     let weights = dir.join("update.safetensors");
     let bytes = std::fs::read(&weights).map_err(|e| Error::io(&weights, e))?;
     let global_dir = dir.parent().map(|p| p.join("global")).unwrap_or_default();
