@@ -37,7 +37,10 @@
 //! its own candidates, and the simulated updates are summed with the clients' weights, as the
 //! server averaged them. FedAvg clients do not share a trajectory: one client training on all the
 //! clients' images (the model used before) leaves an objective of 0.41 at the private images of a
-//! two-client, two-step aggregate where the per-client simulation leaves 1e-17 (the f64 test).
+//! two-client, two-step aggregate where the per-client simulation leaves 1e-17 (the f64 test); on a
+//! captured FedAvg aggregate of 4 clients each holding one IHC tile (4 steps of SGD at lr 0.01,
+//! sin-cos tiny ViT, 2026-12-04) 0.96 against 1.1e-7 in f32, and Inverting Gradients under the
+//! one-client model stopped at objective 0.45 (8.59 dB).
 //!
 //! Labels are given (iDLG, label counts) or, as in the original DLG, optimised jointly with the images.
 //!
