@@ -39,8 +39,9 @@
 //! clients' images (the model used before) leaves an objective of 0.41 at the private images of a
 //! two-client, two-step aggregate where the per-client simulation leaves 1e-17 (the f64 test); on a
 //! captured FedAvg aggregate of 4 clients each holding one IHC tile (4 steps of SGD at lr 0.01,
-//! sin-cos tiny ViT, 2026-12-04) 0.96 against 1.1e-7 in f32, and Inverting Gradients under the
-//! one-client model stopped at objective 0.45 (8.59 dB).
+//! sin-cos tiny ViT, 2026-12-04) 0.96 against 1.1e-7 in f32, and Inverting Gradients (defaults)
+//! stopped at objective 0.45 and 8.59 dB under the one-client model, at 1.5e-5 and 13.93 dB / SSIM
+//! 0.053 client by client.
 //!
 //! Labels are given (iDLG, label counts) or, as in the original DLG, optimised jointly with the images.
 //!
