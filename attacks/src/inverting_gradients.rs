@@ -1874,9 +1874,9 @@ fn signed_adam(
     let mut v = m.clone();
     let mut last = f64::INFINITY;
     let milestones = [3, 5, 7].map(|k| config.iterations * k / 8);
-    // For local steps on batches of their own, the candidates are moved between steps (with their
-    // labels), and in relabelling restarts relabelled, at an eighth of the way and at each step
-    // decay, when that lowers the objective.
+    // For images in several groups (local steps on batches of their own, clients of an aggregate),
+    // the candidates are moved between groups (with their labels), and in relabelling restarts
+    // relabelled, at an eighth of the way and at each step decay, when that lowers the objective.
     let rearrangements = [1, 3, 5, 7].map(|k| config.iterations * k / 8);
     let mut rearranged: Option<(GradientMatcher, Vec<u32>)> = None;
     let relabel = start.relabel;
