@@ -82,6 +82,7 @@
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -91,7 +92,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
 use crate::observation::{
-    momentum_gradient_weights, ClientSteps, Observation, UpdateSource, UpdateView,
+    consecutive_ranges, momentum_gradient_weights, ClientSteps, Observation, UpdateSource,
+    UpdateView,
 };
 use crate::patch_refinement::{
     refine_patches_after_client_steps, RefinementStep, BATCH_PATCH_REFINEMENT,
@@ -562,14 +564,7 @@ impl<'a> GradientMatcher<'a> {
                 ),
             });
         }
-        let mut first = 0;
-        let steps = sizes
-            .iter()
-            .map(|&size| {
-                first += size;
-                first - size..first
-            })
-            .collect();
+        let steps = consecutive_ranges(0, sizes);
         self.with_clients(&[ClientSteps { weight: 1.0, steps }])
     }
 
@@ -607,13 +602,13 @@ impl<'a> GradientMatcher<'a> {
 
     /// The clients to simulate for candidates of `images` images: the matcher's own, or one client
     /// training on all of them at each unrolled step (one for a gradient).
-    fn clients_of(&self, images: usize) -> Vec<ClientSteps> {
+    fn clients_of(&self, images: usize) -> Cow<'_, [ClientSteps]> {
         match &self.clients {
-            Some(clients) => clients.clone(),
-            None => vec![ClientSteps {
+            Some(clients) => Cow::Borrowed(clients),
+            None => Cow::Owned(vec![ClientSteps {
                 weight: 1.0,
                 steps: vec![0..images; self.unroll.map_or(1, |(_, steps)| steps.max(1))],
-            }],
+            }]),
         }
     }
 
@@ -728,7 +723,7 @@ impl<'a> GradientMatcher<'a> {
     fn simulate_first_order(&self, images: &Tensor, labels: &Tensor) -> Result<Vec<Tensor>> {
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-        self.sum_over_clients(images.dim(0)?, |client| {
+        self.sum_over_clients(&self.clients_of(images.dim(0)?), |client| {
             Ok(match self.unroll {
                 None => {
                     let (step_images, step_labels) =
@@ -755,16 +750,16 @@ impl<'a> GradientMatcher<'a> {
         })
     }
 
-    /// The weighted sum over the clients to simulate for `images` candidates
-    /// ([`GradientMatcher::clients_of`]) of the update `update_of` gives for each.
+    /// The weighted sum over `clients` ([`GradientMatcher::clients_of`]) of the update `update_of`
+    /// gives for each.
     fn sum_over_clients(
         &self,
-        images: usize,
+        clients: &[ClientSteps],
         mut update_of: impl FnMut(&ClientSteps) -> Result<Vec<Tensor>>,
     ) -> Result<Vec<Tensor>> {
         let mut total: Option<Vec<Tensor>> = None;
-        for client in self.clients_of(images) {
-            let update = update_of(&client)?;
+        for client in clients {
+            let update = update_of(client)?;
             total = Some(add_weighted(total, update, client.weight)?);
         }
         total.ok_or_else(|| self.no_parameter_gradients())
@@ -834,7 +829,7 @@ impl<'a> GradientMatcher<'a> {
         // -w lr c_s, c_s = sum_{t >= s} momentum^(t - s) (1 for plain SGD).
         let images_detached = images.detach();
         let mut steps = Vec::new();
-        for client in self.clients_of(images.dim(0)?) {
+        for client in self.clients_of(images.dim(0)?).iter() {
             match self.unroll {
                 None => steps.push(RefinementStep {
                     parameters: self.model.parameters().clone(),
@@ -845,7 +840,7 @@ impl<'a> GradientMatcher<'a> {
                     let count = client.steps.len();
                     // The parameters each step took its gradient at (no pass after the last step).
                     let trajectory = self.first_order_trajectory(
-                        &client,
+                        client,
                         &images_detached,
                         self.known_labels()?,
                         lr,
@@ -903,7 +898,7 @@ impl<'a> GradientMatcher<'a> {
     fn simulate(&self, images: &Tensor, soft_labels: &Tensor) -> Result<Vec<Tensor>> {
         let base = self.model.parameters();
         let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
-        self.sum_over_clients(images.dim(0)?, |client| {
+        self.sum_over_clients(&self.clients_of(images.dim(0)?), |client| {
             Ok(match self.unroll {
                 None => {
                     let (step_images, step_labels) =
@@ -1063,7 +1058,7 @@ impl<'a> GradientMatcher<'a> {
         let labels = self.known_labels()?;
         let clients = self.clients_of(images.dim(0)?);
         let mut sweeps = Vec::with_capacity(clients.len());
-        let simulated = self.sum_over_clients(images.dim(0)?, |client| {
+        let simulated = self.sum_over_clients(&clients, |client| {
             let (points, update) = self.forward_sweep(client, &images, labels, forward)?;
             sweeps.push(points);
             Ok(update)

@@ -229,6 +229,18 @@ impl UpdateView<'_> {
     }
 }
 
+/// Ranges of `sizes[0]`, `sizes[1]`, ... items one after the other from item `first`: the images of
+/// local steps that each trained on a batch of their own.
+pub(crate) fn consecutive_ranges(first: usize, sizes: &[usize]) -> Vec<Range<usize>> {
+    sizes
+        .iter()
+        .scan(first, |next, &size| {
+            *next += size;
+            Some(*next - size..*next)
+        })
+        .collect()
+}
+
 /// Local SGD steps an attack unrolls to simulate an update from `source` (1 for a gradient, or for a
 /// delta it cannot unroll and matches as a gradient).
 fn unrolled_steps(source: &UpdateSource) -> usize {
@@ -316,13 +328,11 @@ impl Observation {
             .iter()
             .map(|share| {
                 let steps = match &share.local_batches {
-                    LocalBatches::PerStep(sizes) if sizes.len() > 1 => sizes
-                        .iter()
-                        .map(|&size| {
-                            first += size;
-                            first - size..first
-                        })
-                        .collect(),
+                    LocalBatches::PerStep(sizes) if sizes.len() > 1 => {
+                        let steps = consecutive_ranges(first, sizes);
+                        first += sizes.iter().sum::<usize>();
+                        steps
+                    }
                     _ => {
                         first += share.batch_size;
                         vec![first - share.batch_size..first; repeated_steps]

@@ -48,6 +48,7 @@ use crate::april::{
 };
 use crate::linear::{observed_tensor, tensor_to_f64};
 use crate::model::{one_hot, ParamMap, TargetModel};
+use crate::observation::consecutive_ranges;
 use crate::{AttackError, Result};
 
 /// Name of the step in error messages.
@@ -145,14 +146,7 @@ pub fn refine_patches_after_steps_on_batches(
                     ),
                 });
             }
-            let mut first = 0;
-            sizes
-                .iter()
-                .map(|&size| {
-                    first += size;
-                    first - size..first
-                })
-                .collect()
+            consecutive_ranges(0, sizes)
         }
         None => vec![0..batch; steps.len()],
     };
