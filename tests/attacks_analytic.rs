@@ -1090,11 +1090,13 @@ fn patch_refinement_of_an_aggregate_takes_each_clients_own_trajectory_and_weight
             ClientShare {
                 weight: 0.25,
                 batch_size: 1,
+                local_steps: 2,
                 local_batches: LocalBatches::Repeated,
             },
             ClientShare {
                 weight: 0.75,
                 batch_size: 1,
+                local_steps: 2,
                 local_batches: LocalBatches::PerStep(vec![1, 1]),
             },
         ],

@@ -482,9 +482,11 @@ fn an_aggregate_is_simulated_client_by_client_with_its_weights_exactly_and_by_th
     enable_second_order_gradients();
     let lr = 0.5;
     let labels = [2u32, 0, 1];
+    // Two steps for the delta (a gradient is one step whatever its shares say).
     let share = |weight, local_batches| ClientShare {
         weight,
         batch_size: 1,
+        local_steps: 2,
         local_batches,
     };
     for position in [

@@ -481,3 +481,69 @@ fn metrics_command_reproduces_the_scikit_image_oracle() {
     let identical = fedleak(&oracles, &["metrics", "rgb_ref.png", "rgb_ref.png"]);
     assert!(stdout(&identical).contains("\"psnr_db\":\"inf\""));
 }
+
+#[test]
+fn an_aggregate_of_unequal_holdings_under_local_epochs_is_modelled_with_each_clients_own_steps() {
+    // Dirichlet(0.3) over four clients deals them 32, 162, 51 and 199 of the fixture's 444 training
+    // tiles (seed 1): with batches of 64 and two epochs the first and third train twice on one
+    // batch of all they hold, the others pass over theirs in batches of 64, 64 and 34 (six steps)
+    // and 64, 64, 64 and 7 (eight). The server's view of the aggregate must unroll each client
+    // exactly as its own capture records its steps.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = fedleak(
+        tmp.path(),
+        &[
+            "train",
+            "--model",
+            "vit-micro-32",
+            "--clients",
+            "4",
+            "--rounds",
+            "1",
+            "--algorithm",
+            "fedavg",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "0.01",
+            "--local-epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--partition",
+            "dirichlet:0.3",
+            "--out",
+            "run",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let round = tmp.path().join("run/captures/round-0001");
+    let device = Device::Cpu;
+    let aggregate = read_capture(&round.join("aggregate"), false, &device).unwrap();
+    let held = aggregate.meta.client_samples();
+    assert_eq!(held, vec![32, 162, 51, 199], "the partition changed");
+    // The plan's batch size, not the first client's (it holds 32), and the most steps any took.
+    assert_eq!(aggregate.meta.batch_size, 64);
+    assert_eq!(aggregate.meta.local_steps, 8);
+    let observation = fedleak::audit::observation_of(&aggregate, &device).unwrap();
+    let view = observation.update_view().unwrap();
+    assert_eq!(view.clients.len(), 4);
+    for (k, client) in view.clients.iter().enumerate() {
+        let own = read_capture(&round.join(format!("client-{k}")), true, &device).unwrap();
+        let own_batches: Vec<usize> = own
+            .private
+            .unwrap()
+            .step_indices
+            .iter()
+            .map(Vec::len)
+            .collect();
+        let modelled: Vec<usize> = client.steps.iter().map(|range| range.len()).collect();
+        assert_eq!(modelled, own_batches, "client {k}");
+        assert_eq!(own.meta.local_steps, modelled.len(), "client {k}");
+        assert_eq!(aggregate.meta.client_local_steps(held[k]), modelled.len());
+        assert!((client.weight - held[k] as f64 / 444.0).abs() < 1e-12);
+    }
+    // A Repeated client's steps all train on its one batch; the others' on batches of their own.
+    assert!(view.clients[0].steps.iter().all(|r| *r == (0..32)));
+    assert_eq!(view.images, 32 + 2 * 162 + 51 + 2 * 199);
+}

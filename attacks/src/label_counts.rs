@@ -111,11 +111,12 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// Recovers the labels of every image behind an update, as a sorted list (the counts per class; which
 /// image has which label is not determined).
 ///
-/// Applies to one client's update (`batch_size` images) or an aggregate of `clients` updates
-/// (`clients * batch_size` images): a FedSGD gradient, or a plain-SGD delta, read as the gradient
-/// `-delta / (lr * local_steps)` (exact for one step; for several steps on the same batch it is the
-/// mean of gradients at drifting parameters, an approximation), or a momentum-SGD delta, read as the
-/// weighted mean `-delta / (lr * sum_s c_s)` ([`UpdateSource::momentum_step_weight`]). Not
+/// Applies to one client's update or an aggregate of clients' updates (every image behind it,
+/// [`crate::UpdateView::images`]): a FedSGD gradient, or a plain-SGD delta, read as the gradient
+/// `-delta / (lr * local_steps)` (exact for one step; for several steps it is the mean of gradients
+/// at drifting parameters, an approximation), or a momentum-SGD delta, read as the weighted mean
+/// `-delta / (lr * sum_s c_s)`; for an aggregate whose clients took different numbers of steps,
+/// each client's steps weighted by its share ([`crate::UpdateView::gradient_weight`]). Not
 /// applicable to adaptive-optimizer deltas (their per-entry rescaling loses the magnitudes),
 /// features or ciphertext. The objective is
 /// `sum_c |raw_c - n_c| / B`, how far the raw estimates were from the integer counts returned.
@@ -164,22 +165,18 @@ pub fn count_labels(
     }
     let scale = match source {
         UpdateSource::Gradient => 1.0,
-        UpdateSource::SgdDelta { lr, local_steps } => {
-            let steps = *local_steps as f64;
-            if !(lr.is_finite() && *lr > 0.0 && steps > 0.0) {
-                return not_applicable(format!(
-                    "a delta of {local_steps} step(s) at learning rate {lr} cannot be read as a gradient"
-                ));
-            }
-            -1.0 / (lr * steps)
-        }
-        UpdateSource::MomentumSgdDelta { lr, momentum, .. } => {
-            match source.momentum_step_weight() {
+        UpdateSource::SgdDelta { lr, .. } | UpdateSource::MomentumSgdDelta { lr, .. } => {
+            match view.gradient_weight() {
                 Some(weight) if lr.is_finite() && *lr > 0.0 && weight > 0.0 => -1.0 / (lr * weight),
                 _ => {
                     return not_applicable(format!(
-                        "a momentum-SGD delta at learning rate {lr} and momentum {momentum} cannot \
-                         be read as a gradient"
+                        "a delta of {} step(s) at learning rate {lr}{} cannot be read as a gradient",
+                        source.local_steps(),
+                        match source {
+                            UpdateSource::MomentumSgdDelta { momentum, .. } =>
+                                format!(" and momentum {momentum}"),
+                            _ => String::new(),
+                        }
                     ))
                 }
             }

@@ -63,13 +63,16 @@ pub struct ClientShare {
     pub weight: f64,
     /// Images per local batch.
     pub batch_size: usize,
+    /// How many local steps it took (clients' counts differ under local epochs with unequal
+    /// holdings); for [`LocalBatches::PerStep`] its sizes give the steps, and this is their number.
+    pub local_steps: usize,
     /// Which images its local steps trained on.
     pub local_batches: LocalBatches,
 }
 
 impl ClientShare {
-    /// `clients` clients of equal weight whose local steps each trained on one batch of
-    /// `batch_size` images: the shares of a FedSGD aggregate over equal holdings.
+    /// `clients` clients of equal weight that each took one step on one batch of `batch_size`
+    /// images: the shares of a FedSGD aggregate over equal holdings.
     ///
     /// ```
     /// let shares = fedleak_attacks::ClientShare::even(4, 8);
@@ -80,6 +83,7 @@ impl ClientShare {
         let share = ClientShare {
             weight: 1.0 / clients.max(1) as f64,
             batch_size,
+            local_steps: 1,
             local_batches: LocalBatches::Repeated,
         };
         vec![share; clients]
@@ -115,9 +119,10 @@ pub enum Observation {
     Aggregate {
         /// The averaged update.
         update: ParamMap,
-        /// How each client produced its update.
+        /// How each client produced its update; its `local_steps` is the most any client took
+        /// (each client's own count is in its share).
         source: UpdateSource,
-        /// Each client's weight and local batches, in the order of the aggregate.
+        /// Each client's weight, local steps and local batches, in the order of the aggregate.
         clients: Vec<ClientShare>,
     },
     /// Feature vectors (e.g. CLS tokens or class prototypes) in the clear.
@@ -164,29 +169,23 @@ pub fn momentum_gradient_weights(momentum: f64, steps: usize) -> Vec<f64> {
 }
 
 impl UpdateSource {
-    /// For a momentum-SGD delta, the sum over its steps of the weights `c_s` of their gradients (see
-    /// [`UpdateSource::MomentumSgdDelta`]): `-delta / (lr * this)` is the weighted mean gradient.
-    /// `None` for other sources or a momentum outside [0, 1).
-    ///
-    /// ```
-    /// use fedleak_attacks::UpdateSource;
-    /// // Two steps at momentum 0.5: v1 = g1, v2 = 0.5 g1 + g2, delta = -lr (1.5 g1 + g2).
-    /// let source = UpdateSource::MomentumSgdDelta { lr: 0.1, momentum: 0.5, local_steps: 2 };
-    /// assert_eq!(source.momentum_step_weight(), Some(2.5));
-    /// ```
-    pub fn momentum_step_weight(&self) -> Option<f64> {
+    /// The local steps the update took (1 for a gradient).
+    pub fn local_steps(&self) -> usize {
         match self {
-            UpdateSource::MomentumSgdDelta {
-                momentum,
-                local_steps,
-                ..
-            } if (0.0..1.0).contains(momentum) => Some(
-                momentum_gradient_weights(*momentum, *local_steps)
-                    .iter()
-                    .sum(),
-            ),
-            _ => None,
+            UpdateSource::Gradient => 1,
+            UpdateSource::SgdDelta { local_steps, .. }
+            | UpdateSource::MomentumSgdDelta { local_steps, .. }
+            | UpdateSource::OtherDelta { local_steps, .. } => *local_steps,
         }
+    }
+
+    /// Whether the attacks unroll the update's local steps: plain- and momentum-SGD deltas. A
+    /// gradient is one step, and an adaptive optimizer's delta is matched as a gradient.
+    fn unrolls(&self) -> bool {
+        matches!(
+            self,
+            UpdateSource::SgdDelta { .. } | UpdateSource::MomentumSgdDelta { .. }
+        )
     }
 }
 
@@ -198,6 +197,49 @@ impl UpdateView<'_> {
         self.clients.iter().map(|client| client.steps.len()).sum()
     }
 
+    /// For an SGD delta, the weight of the clients' gradients in it: `-delta / (lr * this)` is the
+    /// mean gradient over the clients' steps, each client weighted as in the update. It is
+    /// `sum_k w_k sum_s c_s` over client `k`'s steps `s`, with `c_s` its step's weight in a
+    /// momentum delta ([`momentum_gradient_weights`]; 1 for plain SGD), i.e. the number of local
+    /// steps when every client took as many. `None` for a gradient, an adaptive optimizer's delta
+    /// or a momentum outside [0, 1).
+    ///
+    /// ```
+    /// use fedleak_attacks::{ClientShare, LocalBatches, Observation, UpdateSource};
+    /// let share = |weight, local_steps| ClientShare {
+    ///     weight,
+    ///     batch_size: 2,
+    ///     local_steps,
+    ///     local_batches: LocalBatches::Repeated,
+    /// };
+    /// let observation = Observation::Aggregate {
+    ///     update: Default::default(),
+    ///     source: UpdateSource::MomentumSgdDelta { lr: 0.1, momentum: 0.5, local_steps: 2 },
+    ///     clients: vec![share(0.25, 1), share(0.75, 2)],
+    /// };
+    /// // One step: 1; two steps: v1 = g1, v2 = 0.5 g1 + g2, delta = -lr (1.5 g1 + g2).
+    /// let view = observation.update_view().unwrap();
+    /// assert_eq!(view.gradient_weight(), Some(0.25 * 1.0 + 0.75 * 2.5));
+    /// ```
+    pub fn gradient_weight(&self) -> Option<f64> {
+        let momentum = match self.source {
+            UpdateSource::SgdDelta { .. } => 0.0,
+            UpdateSource::MomentumSgdDelta { momentum, .. } if (0.0..1.0).contains(momentum) => {
+                *momentum
+            }
+            _ => return None,
+        };
+        Some(
+            self.clients
+                .iter()
+                .map(|client| {
+                    let steps = momentum_gradient_weights(momentum, client.steps.len());
+                    client.weight * steps.iter().sum::<f64>()
+                })
+                .sum(),
+        )
+    }
+
     /// The sizes of the groups of the update's images that trained together, in image order: one
     /// group per client whose steps all saw its one batch, one per step for a client whose steps
     /// drew batches of their own. Label counts say how many images of each class the update holds,
@@ -205,7 +247,12 @@ impl UpdateView<'_> {
     ///
     /// ```
     /// use fedleak_attacks::{ClientShare, LocalBatches, Observation, UpdateSource};
-    /// let share = |local_batches| ClientShare { weight: 0.5, batch_size: 2, local_batches };
+    /// let share = |local_batches| ClientShare {
+    ///     weight: 0.5,
+    ///     batch_size: 2,
+    ///     local_steps: 3,
+    ///     local_batches,
+    /// };
     /// let observation = Observation::Aggregate {
     ///     update: Default::default(),
     ///     source: UpdateSource::SgdDelta { lr: 0.01, local_steps: 3 },
@@ -239,16 +286,6 @@ pub(crate) fn consecutive_ranges(first: usize, sizes: &[usize]) -> Vec<Range<usi
             Some(*next - size..*next)
         })
         .collect()
-}
-
-/// Local SGD steps an attack unrolls to simulate an update from `source` (1 for a gradient, or for a
-/// delta it cannot unroll and matches as a gradient).
-fn unrolled_steps(source: &UpdateSource) -> usize {
-    match source {
-        UpdateSource::SgdDelta { local_steps, .. }
-        | UpdateSource::MomentumSgdDelta { local_steps, .. } => (*local_steps).max(1),
-        UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => 1,
-    }
 }
 
 impl Observation {
@@ -304,6 +341,7 @@ impl Observation {
                 vec![ClientShare {
                     weight: 1.0,
                     batch_size: *batch_size,
+                    local_steps: source.local_steps(),
                     local_batches: local_batches.clone(),
                 }],
             ),
@@ -322,7 +360,7 @@ impl Observation {
                 return Err(format!("only ciphertext is observed ({description})"))
             }
         };
-        let repeated_steps = unrolled_steps(source);
+        let unrolls = source.unrolls();
         let mut first = 0;
         let clients = shares
             .iter()
@@ -335,7 +373,8 @@ impl Observation {
                     }
                     _ => {
                         first += share.batch_size;
-                        vec![first - share.batch_size..first; repeated_steps]
+                        let steps = if unrolls { share.local_steps.max(1) } else { 1 };
+                        vec![first - share.batch_size..first; steps]
                     }
                 };
                 ClientSteps {

@@ -55,26 +55,6 @@ pub fn attacker_view(
 pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation> {
     let update = capture.transmission.decode_plain(&capture.origin, device)?;
     let meta = &capture.meta;
-    let source = match meta.update_kind {
-        UpdateKind::Gradient => UpdateSource::Gradient,
-        UpdateKind::WeightDelta if meta.optimizer == OptimizerKind::Sgd && meta.momentum == 0.0 => {
-            UpdateSource::SgdDelta {
-                lr: meta.lr,
-                local_steps: meta.local_steps,
-            }
-        }
-        UpdateKind::WeightDelta if meta.optimizer == OptimizerKind::Sgd => {
-            UpdateSource::MomentumSgdDelta {
-                lr: meta.lr,
-                momentum: meta.momentum,
-                local_steps: meta.local_steps,
-            }
-        }
-        UpdateKind::WeightDelta => UpdateSource::OtherDelta {
-            lr: meta.lr,
-            local_steps: meta.local_steps,
-        },
-    };
     let samples = meta.client_samples();
     let total = samples.iter().sum::<usize>().max(1);
     let shares: Vec<ClientShare> = samples
@@ -82,12 +62,40 @@ pub fn observation_of(capture: &Capture, device: &Device) -> Result<Observation>
         .map(|&held| ClientShare {
             weight: held as f64 / total as f64,
             batch_size: meta.batch_size.min(held),
+            local_steps: meta.client_local_steps(held),
             local_batches: match meta.step_batch_sizes(held) {
                 Some(sizes) => LocalBatches::PerStep(sizes),
                 None => LocalBatches::Repeated,
             },
         })
         .collect();
+    // Clients of an aggregate under local epochs took as many steps as their holdings needed;
+    // the source states the most (each share its own).
+    let local_steps = shares
+        .iter()
+        .map(|share| share.local_steps)
+        .max()
+        .unwrap_or(meta.local_steps);
+    let source = match meta.update_kind {
+        UpdateKind::Gradient => UpdateSource::Gradient,
+        UpdateKind::WeightDelta if meta.optimizer == OptimizerKind::Sgd && meta.momentum == 0.0 => {
+            UpdateSource::SgdDelta {
+                lr: meta.lr,
+                local_steps,
+            }
+        }
+        UpdateKind::WeightDelta if meta.optimizer == OptimizerKind::Sgd => {
+            UpdateSource::MomentumSgdDelta {
+                lr: meta.lr,
+                momentum: meta.momentum,
+                local_steps,
+            }
+        }
+        UpdateKind::WeightDelta => UpdateSource::OtherDelta {
+            lr: meta.lr,
+            local_steps,
+        },
+    };
     let per_step: Vec<usize> = shares
         .iter()
         .filter_map(|share| match &share.local_batches {

@@ -55,14 +55,16 @@ pub struct CaptureMeta {
     pub momentum: f64,
     /// AdamW's decoupled weight decay, as applied (0 for SGD and FedSGD, which apply none).
     pub weight_decay: f64,
-    /// Number of local optimizer steps taken (1 for FedSGD).
+    /// Number of local optimizer steps taken (1 for FedSGD); for an aggregate, the most any of its
+    /// clients took (under local epochs each client's count follows from its holding,
+    /// [`CaptureMeta::client_local_steps`]).
     pub local_steps: usize,
     /// FedAvg by local epochs: how many (each a pass over the client's images in batches, the last
     /// batch of a pass holding the remainder); absent for a fixed number of local steps (each a
     /// batch drawn afresh) and for FedSGD.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_epochs: Option<usize>,
-    /// Images per local batch.
+    /// Images per local batch (a client holding fewer images trains on all it holds).
     pub batch_size: usize,
     /// The client's number of training images (its aggregation weight).
     pub num_samples: usize,
@@ -113,6 +115,28 @@ impl CaptureMeta {
         (0..clients)
             .map(|k| self.num_samples / clients + usize::from(k < self.num_samples % clients))
             .collect()
+    }
+
+    /// The number of local steps a client holding `held` images took: `local_steps`, or under
+    /// local epochs one per batch of each pass (a client of an aggregate holding fewer images
+    /// than another takes fewer steps).
+    ///
+    /// ```
+    /// let text = r#"{"round": 1, "client": 0, "algorithm": "fedavg", "update_kind": "weight_delta",
+    ///     "optimizer": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0, "local_steps": 6,
+    ///     "local_epochs": 2, "batch_size": 4, "num_samples": 13, "scheme": "none", "seed": 1,
+    ///     "upload_bytes": 0, "aggregate_of": [0, 1], "aggregate_samples": [10, 3]}"#;
+    /// let meta: fedleak::fl::CaptureMeta = serde_json::from_str(text).unwrap();
+    /// assert_eq!(meta.client_local_steps(10), 6); // two passes of batches of 4, 4 and 2
+    /// assert_eq!(meta.client_local_steps(3), 2); // two passes of one batch
+    /// ```
+    pub fn client_local_steps(&self, held: usize) -> usize {
+        match self.local_epochs {
+            Some(epochs) if self.update_kind == UpdateKind::WeightDelta && self.batch_size > 0 => {
+                epochs * held.div_ceil(self.batch_size).max(1)
+            }
+            _ => self.local_steps,
+        }
     }
 
     /// For a client holding `held` images whose local steps went through different batches (a

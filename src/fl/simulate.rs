@@ -470,10 +470,6 @@ impl CaptureContext<'_> {
                     .collect()
             })
             .collect();
-        let first = members
-            .first()
-            .map(|m| m.batches.clone())
-            .unwrap_or_default();
         let meta = CaptureMeta {
             round: self.round,
             client: member_ids.first().copied().unwrap_or(0),
@@ -490,12 +486,18 @@ impl CaptureContext<'_> {
                 (Algorithm::Fedavg, OptimizerKind::Adamw) => fl.weight_decay,
                 _ => 0.0,
             },
-            local_steps: first.len(),
+            // Under local epochs, clients of unequal holdings take different numbers of steps:
+            // an aggregate's sidecar states the most, and the clients' holdings give each count.
+            local_steps: steps,
             local_epochs: match (fl.algorithm, fl.local_work()) {
                 (Algorithm::Fedavg, LocalWork::Epochs(epochs)) => Some(epochs),
                 _ => None,
             },
-            batch_size: first.first().map(Vec::len).unwrap_or(0),
+            // The plan's batch size, capped by the largest holding (a client holding less trains on
+            // all it holds): not the first client's batch, which a smaller holding would shrink.
+            batch_size: fl
+                .batch_size
+                .min(members.iter().map(|m| m.samples).max().unwrap_or(0)),
             num_samples: members.iter().map(|m| m.samples).sum(),
             scheme: self.scheme.id().to_string(),
             seed: self.seed,
