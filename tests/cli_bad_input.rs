@@ -179,6 +179,50 @@ fn invalid_partition_and_rounds_are_named() {
 }
 
 #[test]
+fn optimizer_settings_the_plan_would_not_apply_are_refused() {
+    // AdamW's weight decay under local SGD or FedSGD, and momentum under AdamW or FedSGD, would be
+    // silently dropped: a reviewer reading the command would believe they shaped the updates.
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["--optimizer", "sgd", "--weight-decay", "0.1"],
+            &["weight-decay", "FedAvg with local SGD decays no weights"],
+        ),
+        (
+            &["--algorithm", "fedsgd", "--weight-decay", "0.05"],
+            &["weight-decay", "FedSGD"],
+        ),
+        (
+            &["--optimizer", "adamw", "--momentum", "0.9"],
+            &["momentum", "FedAvg with local AdamW takes no momentum"],
+        ),
+        (
+            &["--algorithm", "fedsgd", "--momentum", "0.5"],
+            &["momentum", "FedSGD"],
+        ),
+    ];
+    for (extra, needles) in cases {
+        let out = train_on(tmp.path(), "fixture:digits-8x8", extra);
+        assert_bad_input(&out, needles);
+        assert!(!tmp.path().join("out").exists(), "{extra:?} wrote output");
+    }
+    // What each plan applies is accepted, zero included.
+    let out = train_on(
+        tmp.path(),
+        "fixture:digits-8x8",
+        &[
+            "--optimizer",
+            "sgd",
+            "--momentum",
+            "0.9",
+            "--weight-decay",
+            "0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", util::stderr(&out));
+}
+
+#[test]
 fn bench_settings_with_nothing_to_time_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     for (option, value) in [

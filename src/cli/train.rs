@@ -78,12 +78,12 @@ pub struct TrainArgs {
     /// Local optimizer (FedAvg).
     #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
     pub optimizer: OptimizerArg,
-    /// SGD momentum.
+    /// SGD momentum (FedAvg with `--optimizer sgd` only).
     #[arg(long, default_value_t = 0.0)]
     pub momentum: f64,
-    /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.05)]
-    pub weight_decay: f64,
+    /// AdamW decoupled weight decay (FedAvg with `--optimizer adamw` only) [default: 0.05].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// FedAvg local steps per round (instead of epochs).
     #[arg(long, conflicts_with = "local_epochs")]
     pub local_steps: Option<usize>,

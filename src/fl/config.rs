@@ -50,10 +50,11 @@ pub struct FlConfig {
     pub lr: f64,
     /// The local optimizer (FedAvg).
     pub optimizer: OptimizerKind,
-    /// Momentum of SGD (0 for plain SGD).
+    /// Momentum of FedAvg's local SGD (0 for plain SGD; no other plan applies momentum).
     pub momentum: f64,
-    /// Decoupled weight decay of AdamW.
-    pub weight_decay: f64,
+    /// Decoupled weight decay of FedAvg's local AdamW ([`DEFAULT_WEIGHT_DECAY`] when not given; no
+    /// other plan decays weights).
+    pub weight_decay: Option<f64>,
     /// FedAvg: local steps per round (exclusive with `local_epochs`).
     pub local_steps: Option<usize>,
     /// FedAvg: local epochs per round (exclusive with `local_steps`; 1 when neither is given).
@@ -74,7 +75,7 @@ impl Default for FlConfig {
             lr: 1e-3,
             optimizer: OptimizerKind::Adamw,
             momentum: 0.0,
-            weight_decay: 0.05,
+            weight_decay: None,
             local_steps: None,
             local_epochs: None,
             partition: PartitionScheme::Iid,
@@ -83,7 +84,28 @@ impl Default for FlConfig {
     }
 }
 
+/// AdamW's decoupled weight decay when a FedAvg plan with AdamW does not give one.
+pub const DEFAULT_WEIGHT_DECAY: f64 = 0.05;
+
 impl FlConfig {
+    /// The weight decay training applies: AdamW's under FedAvg, none otherwise.
+    pub fn applied_weight_decay(&self) -> f64 {
+        match (self.algorithm, self.optimizer) {
+            (Algorithm::Fedavg, OptimizerKind::Adamw) => {
+                self.weight_decay.unwrap_or(DEFAULT_WEIGHT_DECAY)
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// The plan's name for a message: what it applies instead of `optimizer`'s settings.
+    fn plan(&self) -> &'static str {
+        match (self.algorithm, self.optimizer) {
+            (Algorithm::Fedsgd, _) => "FedSGD (a plain server step)",
+            (Algorithm::Fedavg, OptimizerKind::Sgd) => "FedAvg with local SGD",
+            (Algorithm::Fedavg, OptimizerKind::Adamw) => "FedAvg with local AdamW",
+        }
+    }
     /// The local work of a FedAvg client.
     pub fn local_work(&self) -> LocalWork {
         match (self.local_steps, self.local_epochs) {
@@ -135,12 +157,42 @@ impl FlConfig {
                 "use e.g. `--momentum 0.9`",
             ));
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+        if self.momentum > 0.0
+            && (self.algorithm, self.optimizer) != (Algorithm::Fedavg, OptimizerKind::Sgd)
+        {
             return Err(bad(
-                "weight-decay",
-                format!("{} is negative or not a number", self.weight_decay),
-                "use e.g. `--weight-decay 0.05`",
+                "momentum",
+                format!(
+                    "{} would not be applied: {} takes no momentum",
+                    self.momentum,
+                    self.plan()
+                ),
+                "drop it, or train FedAvg with `--optimizer sgd` (`optimizer = \"sgd\"`)",
             ));
+        }
+        match self.weight_decay {
+            Some(decay) if !(decay.is_finite() && decay >= 0.0) => {
+                return Err(bad(
+                    "weight-decay",
+                    format!("{decay} is negative or not a number"),
+                    "use e.g. `--weight-decay 0.05`",
+                ))
+            }
+            Some(decay)
+                if decay > 0.0
+                    && (self.algorithm, self.optimizer)
+                        != (Algorithm::Fedavg, OptimizerKind::Adamw) =>
+            {
+                return Err(bad(
+                    "weight-decay",
+                    format!(
+                        "{decay} would not be applied: {} decays no weights",
+                        self.plan()
+                    ),
+                    "drop it, or train FedAvg with `--optimizer adamw` (`optimizer = \"adamw\"`)",
+                ))
+            }
+            _ => {}
         }
         if self.local_steps.is_some() && self.local_epochs.is_some() {
             return Err(bad(

@@ -28,7 +28,7 @@ impl LocalOptimizer {
             kind: cfg.optimizer,
             lr: cfg.lr,
             momentum: cfg.momentum,
-            weight_decay: cfg.weight_decay,
+            weight_decay: cfg.applied_weight_decay(),
             step: 0,
             first: BTreeMap::new(),
             second: BTreeMap::new(),

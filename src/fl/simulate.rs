@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use super::capture::{Capture, CaptureMeta, PrivateBatch, UpdateKind};
-use super::config::{Algorithm, FlConfig, LocalWork, OptimizerKind};
+use super::config::{Algorithm, FlConfig, LocalWork};
 use super::optim::LocalOptimizer;
 use super::transmission::Transmission;
 use crate::data::{partition_labels, DataSplits, Dataset, Partition};
@@ -482,10 +482,7 @@ impl CaptureContext<'_> {
             lr: fl.lr,
             momentum: fl.momentum,
             // Only FedAvg's AdamW decays weights; a sidecar states what was applied.
-            weight_decay: match (fl.algorithm, fl.optimizer) {
-                (Algorithm::Fedavg, OptimizerKind::Adamw) => fl.weight_decay,
-                _ => 0.0,
-            },
+            weight_decay: fl.applied_weight_decay(),
             // Under local epochs, clients of unequal holdings take different numbers of steps:
             // an aggregate's sidecar states the most, and the clients' holdings give each count.
             local_steps: steps,
