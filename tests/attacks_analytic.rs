@@ -17,7 +17,10 @@ use fedleak_attacks::{
     LocalBatches, Observation, ParamMap, ReferenceImages, RefinementStep, TargetModel,
     UpdateSource, BATCH_PATCH_REFINEMENT, SINGLE_IMAGE_PATCH_REFINEMENT,
 };
-use fedleak_attacks::{recover_batch_labels, separate_batch_labels, Separation};
+use fedleak_attacks::{
+    place_labels_by_unrolling, recover_batch_labels, recover_labels, separate_batch_labels,
+    Separation,
+};
 use fedleak_metrics::{psnr_db, ImageDims};
 
 fn dataset(spec: &str, cfg: &VitConfig) -> Dataset {
@@ -1328,4 +1331,88 @@ fn label_separation_labels_each_image_of_a_batch_also_where_the_model_fits_it() 
             }
         }
     }
+}
+
+#[test]
+fn labels_of_local_steps_on_batches_of_their_own_are_placed_by_unrolling_the_drift() {
+    // Three local SGD steps at lr 0.01 on batches of two IHC tiles each (sin-cos vit-tiny-32, its
+    // initial weights, f32): the logits move about one unit per step, so the counts read off the
+    // summed classifier bias as three gradients at the global weights come out wrong (three of
+    // class 0 where one was: the first two steps, all class 1, shrink the last one's pull). Unrolling
+    // the steps on stand-ins under each of the 27 hypotheses of per-step counts, the classifier's
+    // delta picks the private labels, step by step, with noise and with reference stand-ins.
+    let probe = ModelPreset::VitTiny32.config(&["a".into(), "b".into()], Default::default());
+    let data = dataset("fixture:ihc-tiles-32", &probe);
+    let cfg = config(ModelPreset::VitTiny32, &data, PositionEmbeddingKind::Sincos);
+    let target = target(&cfg, DType::F32);
+    let steps: [[u32; 2]; 3] = [[1, 1], [1, 1], [0, 1]];
+    let indices = pick(&data, steps.as_flattened());
+    let images: Vec<Tensor> = (0..3)
+        .map(|s| batch(&data, &indices[2 * s..2 * s + 2], DType::F32))
+        .collect();
+    let unrolled: Vec<(&Tensor, &[u32])> = images
+        .iter()
+        .zip(&steps)
+        .map(|(x, y)| (x, &y[..]))
+        .collect();
+    let lr = 0.01;
+    let (_, delta) = sgd_steps(&target, &unrolled, lr, 0.0);
+    let observation = Observation::ClientUpdate {
+        update: delta,
+        source: UpdateSource::SgdDelta { lr, local_steps: 3 },
+        batch_size: 2,
+        local_batches: LocalBatches::PerStep(vec![2, 2, 2]),
+    };
+    let truth = steps.as_flattened().to_vec();
+    let LabelOutcome::Recovered(counted) =
+        count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
+    else {
+        panic!("a plain-SGD delta is read as a gradient")
+    };
+    println!("counts read as three gradients: {:?}", counted.labels);
+    assert_ne!(
+        count_overlap(&truth, &counted.labels, 2),
+        6,
+        "no drift to correct"
+    );
+    let test_split = load_data(
+        &DataSpec::parse("fixture:ihc-tiles-32").unwrap(),
+        cfg.input_shape(),
+        1,
+    )
+    .unwrap()
+    .test;
+    let all: Vec<usize> = (0..test_split.len()).collect();
+    let reference = ReferenceImages {
+        images: batch(&test_split, &all, DType::F32),
+        labels: test_split.labels.clone(),
+    };
+    for stand_ins in [None, Some(&reference)] {
+        let LabelOutcome::Recovered(placed) = recover_labels(
+            &observation,
+            &target,
+            &LabelCountConfig::default(),
+            stand_ins,
+        )
+        .unwrap() else {
+            panic!("labels of a plain-SGD delta")
+        };
+        println!(
+            "{}: {:?}, distance {:e}",
+            placed.attack, placed.labels, placed.objective
+        );
+        assert_eq!(placed.attack, "unrolled-label-counts");
+        assert_eq!(
+            placed.labels,
+            truth,
+            "reference given: {}",
+            stand_ins.is_some()
+        );
+    }
+    // A gradient does not drift: the counts stand.
+    let view = fedsgd(true_gradient(&target, &images[0], &steps[0]), 2);
+    let view = view.update_view().unwrap();
+    assert!(place_labels_by_unrolling(&view, &target, None, 0)
+        .unwrap()
+        .is_none());
 }

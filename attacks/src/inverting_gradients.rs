@@ -30,7 +30,10 @@
 //! Before the per-step unroll, a capture with batches of 4 (16 images behind the delta) scored 6.36
 //! dB at objective 0.19; per step without the search or the patch refinement, 9.35 dB at 1.2e-2
 //! (labels 12 of 16); with both, 9.70 dB / SSIM 0.016 at 1.19e-2, labels still 12 of 16
-//! (2026-12-04, client 0): the greedy search does not place 16 candidates.
+//! (2026-12-04, client 0): the greedy search does not place 16 candidates. The counts were the
+//! blocker: with the private labels in their steps (a scratch probe, the same defaults) the run
+//! reached 19.59 dB at objective 1.5e-6 (2026-12-05); [`crate::place_labels_by_unrolling`] now
+//! finds those labels (16 of 16 on that client), by unrolling the steps' drift.
 //!
 //! An aggregate of several clients' updates is simulated client by client
 //! ([`GradientMatcher::with_clients`]): each client unrolls its own steps from the global model on
@@ -716,6 +719,18 @@ impl<'a> GradientMatcher<'a> {
             }
         }
         Ok(moved.then_some((order, labels)))
+    }
+
+    /// The update `images` under `labels` (one class per image, in the candidates' order) would
+    /// produce, by first-order passes only, by parameter name: the weighted sum over the clients of
+    /// each one's gradient, or of its delta after its unrolled steps.
+    ///
+    /// # Errors
+    /// Candle errors, and [`AttackError::Observation`] for labels outside the model's classes.
+    pub fn simulated_update(&self, images: &Tensor, labels: &[u32]) -> Result<ParamMap> {
+        let targets = one_hot(labels, self.model.num_classes(), self.dtype, &self.device)?;
+        let update = self.simulate_first_order(&images.to_dtype(self.dtype)?, &targets)?;
+        Ok(self.names.iter().cloned().zip(update).collect())
     }
 
     /// The update `images` under `labels` would produce, by first-order passes only (no graph kept):

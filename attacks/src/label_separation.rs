@@ -66,6 +66,7 @@ use crate::label_counts::{count_labels, round_label_counts, LabelCountConfig, Re
 use crate::linear::{observed_tensor, tensor_to_f64};
 use crate::model::{ClassifierBlockLayout, TargetModel};
 use crate::observation::{Observation, UpdateSource};
+use crate::unrolled_labels::place_labels_by_unrolling;
 use crate::{AttackError, Result};
 
 /// Name of the attack in reports.
@@ -195,7 +196,10 @@ fn gradient_sign(source: &UpdateSource) -> std::result::Result<f64, String> {
 /// batches of their own, [`crate::LocalBatches::PerStep`], or the clients of an aggregate that are
 /// simulated apart) the update tells only the counts over all of them, not which group held which
 /// label: the labels come back dealt out over the groups in turn ([`deal_labels_over_steps`]), in
-/// the order of the update's images that [`crate::invert_gradients`] takes them in.
+/// the order of the update's images that [`crate::invert_gradients`] takes them in. For a plain- or
+/// momentum-SGD delta of more than one local step, whose drift the counts do not model, the labels
+/// of [`place_labels_by_unrolling`] replace them where it applies (noise stand-ins seeded by the
+/// config's seed, or `reference` images).
 ///
 /// # Errors
 /// As those attacks.
@@ -212,14 +216,22 @@ pub fn recover_labels(
         return infer_label_idlg(observation, model);
     }
     let outcome = recover_batch_labels(observation, model, config, reference)?;
-    let groups = view.map(|view| view.image_groups()).unwrap_or_default();
-    Ok(match outcome {
-        LabelOutcome::Recovered(mut recovery) if groups.len() > 1 => {
-            recovery.labels = deal_labels_over_steps(&recovery.labels, &groups);
-            LabelOutcome::Recovered(recovery)
-        }
-        outcome => outcome,
-    })
+    let (LabelOutcome::Recovered(mut recovery), Some(view)) = (outcome.clone(), view) else {
+        return Ok(outcome);
+    };
+    let groups = view.image_groups();
+    if groups.len() > 1 {
+        recovery.labels = deal_labels_over_steps(&recovery.labels, &groups);
+    }
+    // Local steps drift the parameters: the counts read off the summed delta are estimates, which
+    // the unrolled match of the classifier's delta replaces (batch by batch) where it applies.
+    if let Some(placed) = place_labels_by_unrolling(&view, model, reference, config.seed)? {
+        return Ok(LabelOutcome::Recovered(LabelRecovery {
+            seconds: recovery.seconds + placed.seconds,
+            ..placed
+        }));
+    }
+    Ok(LabelOutcome::Recovered(recovery))
 }
 
 /// Sorted `labels` dealt out like cards over local steps with batches of `sizes` images (the first

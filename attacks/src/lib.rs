@@ -23,6 +23,7 @@ mod observation;
 mod patch_refinement;
 mod prior;
 mod reconstruction;
+mod unrolled_labels;
 
 pub use april::{
     invert_patch_embedding, reconstruct_april, PatchInversion, MAX_MULTI_STEP_RANGE_EXCESS,
@@ -59,6 +60,7 @@ pub use patch_refinement::{
 };
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
+pub use unrolled_labels::place_labels_by_unrolling;
 
 /// Makes candle keep the graph of gradients on the current thread, so that second-order gradients (the
 /// input gradient of a gradient-matching loss) are exact. candle reads the setting once per thread,

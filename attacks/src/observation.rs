@@ -266,13 +266,22 @@ impl UpdateView<'_> {
     /// assert_eq!(view.image_groups(), vec![2, 2, 2, 1]);
     /// ```
     pub fn image_groups(&self) -> Vec<usize> {
+        self.group_ranges()
+            .iter()
+            .map(ExactSizeIterator::len)
+            .collect()
+    }
+
+    /// The ranges of the update's images that trained together, in image order (see
+    /// [`UpdateView::image_groups`]).
+    pub(crate) fn group_ranges(&self) -> Vec<Range<usize>> {
         let mut groups: Vec<Range<usize>> = Vec::new();
         for range in self.clients.iter().flat_map(|client| &client.steps) {
             if !groups.contains(range) {
                 groups.push(range.clone());
             }
         }
-        groups.iter().map(ExactSizeIterator::len).collect()
+        groups
     }
 }
 
