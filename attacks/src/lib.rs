@@ -60,7 +60,9 @@ pub use patch_refinement::{
 };
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
-pub use unrolled_labels::place_labels_by_unrolling;
+pub use unrolled_labels::{
+    place_labels_by_unrolling, unrolled_label_hypotheses, MAX_LABEL_HYPOTHESES,
+};
 
 /// Makes candle keep the graph of gradients on the current thread, so that second-order gradients (the
 /// input gradient of a gradient-matching loss) are exact. candle reads the setting once per thread,

@@ -87,20 +87,7 @@ pub fn place_labels_by_unrolling(
         } => (*lr, *local_steps, *momentum),
         UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => return Ok(None),
     };
-    if view.unrolled_steps() <= view.clients.len() || view.images == 0 {
-        return Ok(None);
-    }
-    let classes = model.num_classes() as u32;
-    let groups: Vec<Vec<Vec<u32>>> = view
-        .group_ranges()
-        .iter()
-        .map(|range| class_multisets(range.len(), classes))
-        .collect();
-    let hypotheses = groups
-        .iter()
-        .try_fold(1usize, |product, group| product.checked_mul(group.len()))
-        .filter(|&count| count <= MAX_LABEL_HYPOTHESES);
-    let Some(hypotheses) = hypotheses else {
+    let Some((hypotheses, groups)) = hypotheses_of(view, model.num_classes()) else {
         return Ok(None);
     };
     let classifier = model.classifier();
@@ -161,6 +148,35 @@ pub fn place_labels_by_unrolling(
         objective,
         seconds: start.elapsed().as_secs_f64(),
     }))
+}
+
+/// How many label hypotheses [`place_labels_by_unrolling`] scores for `view` under `classes`
+/// classes (each a first-order unroll of every client's steps), or `None` when it does not apply;
+/// for telling the user what the label recovery is about to cost.
+pub fn unrolled_label_hypotheses(view: &UpdateView<'_>, classes: usize) -> Option<usize> {
+    hypotheses_of(view, classes).map(|(count, _)| count)
+}
+
+/// The number of hypotheses and each image group's label multisets, when the unrolled placement
+/// applies: an SGD delta, some client with more than one step, at most [`MAX_LABEL_HYPOTHESES`].
+fn hypotheses_of(view: &UpdateView<'_>, classes: usize) -> Option<(usize, Vec<Vec<Vec<u32>>>)> {
+    let unrolls = matches!(
+        view.source,
+        UpdateSource::SgdDelta { .. } | UpdateSource::MomentumSgdDelta { .. }
+    );
+    if !unrolls || view.unrolled_steps() <= view.clients.len() || view.images == 0 {
+        return None;
+    }
+    let groups: Vec<Vec<Vec<u32>>> = view
+        .group_ranges()
+        .iter()
+        .map(|range| class_multisets(range.len(), classes as u32))
+        .collect();
+    let count = groups
+        .iter()
+        .try_fold(1usize, |product, group| product.checked_mul(group.len()))
+        .filter(|&count| count <= MAX_LABEL_HYPOTHESES)?;
+    Some((count, groups))
 }
 
 /// Every multiset of `size` labels over `classes` classes, each sorted ascending.

@@ -14,9 +14,9 @@ use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
     invert_gradients, reconstruct_april, recover_classifier_input, recover_labels,
-    seconds_per_evaluation, AttackOutcome, FeatureOutcome, ImageOptimizer, InputGradient,
-    InvertingGradientsConfig, LabelCountConfig, LabelOutcome, Observation, Reconstruction,
-    ReferenceImages, TargetModel,
+    seconds_per_evaluation, unrolled_label_hypotheses, AttackOutcome, FeatureOutcome,
+    ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig, LabelOutcome,
+    Observation, Reconstruction, ReferenceImages, TargetModel,
 };
 use fedleak_metrics::{match_batch, score_labels, score_matched_labels, ImageDims, RecoveredLabel};
 use serde::Serialize;
@@ -403,6 +403,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             if args.joint_labels {
                 invert_gradients(&observation, &target, None, &config)?
             } else {
+                announce_label_search(&observation, &target);
                 match recover_labels(
                     &observation,
                     &target,
@@ -448,6 +449,23 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
 
 /// Expected runs longer than this many seconds are announced as a warning, with what shortens them.
 const LONG_ATTACK_SECONDS: f64 = 600.0;
+
+/// Logs that the labels of a multi-step SGD delta are about to be chosen by unrolling the local
+/// steps under every hypothesis of per-batch counts ([`unrolled_label_hypotheses`]): one unroll
+/// each, minutes for hundreds of hypotheses.
+fn announce_label_search(observation: &Observation, target: &VitTarget) {
+    let Ok(view) = observation.update_view() else {
+        return;
+    };
+    if let Some(count) = unrolled_label_hypotheses(&view, target.num_classes()) {
+        tracing::info!(
+            "labels of {} image(s) behind {} local step(s): scoring {count} hypotheses of how many \
+             images of each class each batch held, one unroll of the steps each",
+            view.images,
+            view.unrolled_steps()
+        );
+    }
+}
 
 /// Logs how long Inverting Gradients will take here, from one evaluation of its step timed before
 /// the run ([`seconds_per_evaluation`]): a client holding many images unrolls many steps on many
@@ -505,6 +523,7 @@ fn run_labels(
     args: &AttackArgs,
     device: &candle_core::Device,
 ) -> Result<()> {
+    announce_label_search(observation, target);
     let recovery =
         match recover_labels(observation, target, &LabelCountConfig::default(), reference)? {
             LabelOutcome::Recovered(recovery) => recovery,
