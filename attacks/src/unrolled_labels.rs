@@ -138,7 +138,8 @@ pub fn place_labels_by_unrolling(
             })
             .collect();
         let d = distance(&labels)?;
-        if best.as_ref().is_none_or(|(b, _)| d < *b) {
+        // A hypothesis whose unroll diverges (not finite) explains nothing.
+        if d.is_finite() && best.as_ref().is_none_or(|(b, _)| d < *b) {
             best = Some((d, labels));
         }
     }
