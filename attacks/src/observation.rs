@@ -181,7 +181,7 @@ impl UpdateSource {
 
     /// Whether the attacks unroll the update's local steps: plain- and momentum-SGD deltas. A
     /// gradient is one step, and an adaptive optimizer's delta is matched as a gradient.
-    fn unrolls(&self) -> bool {
+    pub(crate) fn unrolls(&self) -> bool {
         matches!(
             self,
             UpdateSource::SgdDelta { .. } | UpdateSource::MomentumSgdDelta { .. }

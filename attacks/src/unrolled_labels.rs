@@ -161,11 +161,7 @@ pub fn unrolled_label_hypotheses(view: &UpdateView<'_>, classes: usize) -> Optio
 /// The number of hypotheses and each image group's label multisets, when the unrolled placement
 /// applies: an SGD delta, some client with more than one step, at most [`MAX_LABEL_HYPOTHESES`].
 fn hypotheses_of(view: &UpdateView<'_>, classes: usize) -> Option<(usize, Vec<Vec<Vec<u32>>>)> {
-    let unrolls = matches!(
-        view.source,
-        UpdateSource::SgdDelta { .. } | UpdateSource::MomentumSgdDelta { .. }
-    );
-    if !unrolls || view.unrolled_steps() <= view.clients.len() || view.images == 0 {
+    if !view.source.unrolls() || view.unrolled_steps() <= view.clients.len() || view.images == 0 {
         return None;
     }
     let groups: Vec<Vec<Vec<u32>>> = view
