@@ -94,6 +94,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::feature_inversion::random_images;
 use crate::model::{one_hot, GradientRequest, ParamMap, TargetModel};
 use crate::observation::{
     consecutive_ranges, momentum_gradient_weights, ClientSteps, Observation, UpdateSource,
@@ -1694,11 +1695,8 @@ pub fn seconds_per_evaluation(
         return Ok(None);
     }
     let matcher = matcher_for(&view, model, Some(labels), config)?;
-    let (c, h, w) = model.input_dims();
     let mut rng = StdRng::seed_from_u64(config.seed);
-    let values: Vec<f32> = (0..view.images * c * h * w).map(|_| rng.random()).collect();
-    let images = Tensor::from_vec(values, (view.images, c, h, w), &matcher.device)?
-        .to_dtype(matcher.dtype)?;
+    let images = random_images(model, view.images, &mut rng)?;
     matcher.objective_and_gradient_at_step(&images, 0)?;
     let started = Instant::now();
     matcher.objective_and_gradient_at_step(&images, 1)?;
@@ -1739,14 +1737,13 @@ pub fn invert_gradients(
     }
     let started = Instant::now();
     let matcher = matcher_for(&view, model, labels, config)?;
-    let (c, h, w) = model.input_dims();
     let (dtype, device) = (matcher.dtype, matcher.device.clone());
     let mut rng = StdRng::seed_from_u64(config.seed);
     let classes = model.num_classes();
     // Every second restart may relabel (see `GradientMatcher::rearranged_candidates`).
     let starts: Vec<Candidate> = (0..config.restarts.max(1))
         .map(|restart| {
-            let init: Vec<f32> = (0..batch * c * h * w).map(|_| rng.random()).collect();
+            let images = random_images(model, batch, &mut rng)?;
             let label_logits = match labels {
                 Some(_) => None,
                 None => {
@@ -1757,7 +1754,7 @@ pub fn invert_gradients(
                 }
             };
             Ok(Candidate {
-                images: Tensor::from_vec(init, (batch, c, h, w), &device)?.to_dtype(dtype)?,
+                images,
                 label_logits,
                 labels: None,
                 relabel: restart % 2 == 1,

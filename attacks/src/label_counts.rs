@@ -26,9 +26,10 @@ use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::feature_inversion::random_images;
 use crate::idlg::{LabelOutcome, LabelRecovery};
 use crate::linear::{observed_tensor, tensor_to_f64};
 use crate::model::TargetModel;
@@ -267,7 +268,6 @@ fn mean_probabilities(
     let var = Var::from_tensor(&bias.detach())?;
     params.insert(bias_name.to_string(), var.as_tensor().clone());
     let classes = model.num_classes();
-    let (c, h, w) = model.input_dims();
     let (total, mut rng) = match source {
         ImageSource::Noise { count, seed } => (count, StdRng::seed_from_u64(seed)),
         ImageSource::Given(images) => (images.dim(0)?, StdRng::seed_from_u64(0)),
@@ -277,10 +277,7 @@ fn mean_probabilities(
     while done < total {
         let n = DUMMY_CHUNK.min(total - done);
         let images = match &source {
-            ImageSource::Noise { .. } => {
-                let pixels: Vec<f32> = (0..n * c * h * w).map(|_| rng.random::<f32>()).collect();
-                Tensor::from_vec(pixels, (n, c, h, w), &device)?.to_dtype(dtype)?
-            }
+            ImageSource::Noise { .. } => random_images(model, n, &mut rng)?,
             ImageSource::Given(images) => images.narrow(0, done, n)?.to_dtype(dtype)?,
         };
         let mut targets = vec![0f32; n * classes];

@@ -37,8 +37,9 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 
+use crate::feature_inversion::random_images;
 use crate::idlg::LabelRecovery;
 use crate::inverting_gradients::{GradientMatcher, InputGradient};
 use crate::label_counts::ReferenceImages;
@@ -223,20 +224,8 @@ impl<'a> StandIns<'a> {
         seed: u64,
     ) -> Result<Self> {
         let Some(reference) = reference else {
-            let (c, h, w) = model.input_dims();
             let mut rng = StdRng::seed_from_u64(seed);
-            let pixels: Vec<f32> = (0..images * c * h * w).map(|_| rng.random()).collect();
-            let device = model
-                .parameters()
-                .values()
-                .next()
-                .map(|t| t.device().clone())
-                .unwrap_or(candle_core::Device::Cpu);
-            return Ok(StandIns::Noise(Tensor::from_vec(
-                pixels,
-                (images, c, h, w),
-                &device,
-            )?));
+            return Ok(StandIns::Noise(random_images(model, images, &mut rng)?));
         };
         let by_class: Vec<Vec<u32>> = (0..model.num_classes() as u32)
             .map(|class| {
