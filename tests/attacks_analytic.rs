@@ -19,7 +19,7 @@ use fedleak_attacks::{
 };
 use fedleak_attacks::{
     place_labels_by_unrolling, recover_batch_labels, recover_labels, separate_batch_labels,
-    Separation,
+    unrolled_label_hypotheses, Separation,
 };
 use fedleak_metrics::{psnr_db, ImageDims};
 
@@ -1333,6 +1333,25 @@ fn label_separation_labels_each_image_of_a_batch_also_where_the_model_fits_it() 
     }
 }
 
+/// Plain-SGD steps at `lr` of `target` on batches of two of `data`'s images (`indices`, in order)
+/// with the labels of `steps`: each step's images (f32) and the delta.
+fn sgd_on_batches_of_two(
+    target: &VitTarget,
+    data: &Dataset,
+    indices: &[usize],
+    steps: &[[u32; 2]],
+    lr: f64,
+) -> (Vec<Tensor>, ParamMap) {
+    let images: Vec<Tensor> = indices
+        .chunks(2)
+        .map(|pair| batch(data, pair, DType::F32))
+        .collect();
+    let unrolled: Vec<(&Tensor, &[u32])> =
+        images.iter().zip(steps).map(|(x, y)| (x, &y[..])).collect();
+    let (_, delta) = sgd_steps(target, &unrolled, lr, 0.0);
+    (images, delta)
+}
+
 #[test]
 fn labels_of_local_steps_on_batches_of_their_own_are_placed_by_unrolling_the_drift() {
     // Three local SGD steps at lr 0.01 on batches of two IHC tiles each (sin-cos vit-tiny-32, its
@@ -1346,24 +1365,19 @@ fn labels_of_local_steps_on_batches_of_their_own_are_placed_by_unrolling_the_dri
     let cfg = config(ModelPreset::VitTiny32, &data, PositionEmbeddingKind::Sincos);
     let target = target(&cfg, DType::F32);
     let steps: [[u32; 2]; 3] = [[1, 1], [1, 1], [0, 1]];
-    let indices = pick(&data, steps.as_flattened());
-    let images: Vec<Tensor> = (0..3)
-        .map(|s| batch(&data, &indices[2 * s..2 * s + 2], DType::F32))
-        .collect();
-    let unrolled: Vec<(&Tensor, &[u32])> = images
-        .iter()
-        .zip(&steps)
-        .map(|(x, y)| (x, &y[..]))
-        .collect();
+    let other_steps: [[u32; 2]; 3] = [[0, 0], [0, 1], [1, 1]];
+    let truth: Vec<u32> = steps.as_flattened().to_vec();
+    let both: Vec<u32> = [steps, other_steps].as_flattened().as_flattened().to_vec();
+    let indices = pick(&data, &both);
     let lr = 0.01;
-    let (_, delta) = sgd_steps(&target, &unrolled, lr, 0.0);
+    let (images, delta) = sgd_on_batches_of_two(&target, &data, &indices[..6], &steps, lr);
+    let (_, other_delta) = sgd_on_batches_of_two(&target, &data, &indices[6..], &other_steps, lr);
     let observation = Observation::ClientUpdate {
-        update: delta,
+        update: delta.clone(),
         source: UpdateSource::SgdDelta { lr, local_steps: 3 },
         batch_size: 2,
         local_batches: LocalBatches::PerStep(vec![2, 2, 2]),
     };
-    let truth = steps.as_flattened().to_vec();
     let LabelOutcome::Recovered(counted) =
         count_labels(&observation, &target, &LabelCountConfig::default(), None).unwrap()
     else {
@@ -1409,6 +1423,42 @@ fn labels_of_local_steps_on_batches_of_their_own_are_placed_by_unrolling_the_dri
             stand_ins.is_some()
         );
     }
+    // An aggregate of that client (weight 1/4) and another one whose three steps held other
+    // labels (weight 3/4): each client is unrolled apart, and the 729 combinations of their 27
+    // hypotheses each are scored by the weighted sum of their classifier deltas.
+    let aggregate = Observation::Aggregate {
+        update: delta
+            .iter()
+            .map(|(name, a)| {
+                let mean = ((a * 0.25).unwrap() + (&other_delta[name] * 0.75).unwrap()).unwrap();
+                (name.clone(), mean)
+            })
+            .collect(),
+        source: UpdateSource::SgdDelta { lr, local_steps: 3 },
+        clients: [0.25, 0.75]
+            .map(|weight| ClientShare {
+                weight,
+                batch_size: 2,
+                local_steps: 3,
+                local_batches: LocalBatches::PerStep(vec![2, 2, 2]),
+            })
+            .to_vec(),
+    };
+    let view = aggregate.update_view().unwrap();
+    let size = unrolled_label_hypotheses(&view, 2).expect("an aggregate of SGD deltas");
+    assert_eq!(
+        (size.hypotheses, size.simulated_steps),
+        (729, 2 * (3 + 9 + 27))
+    );
+    let placed = place_labels_by_unrolling(&view, &target, None, 0)
+        .unwrap()
+        .expect("applies to an aggregate of SGD deltas");
+    println!(
+        "aggregate: {:?}, distance {:e}",
+        placed.labels, placed.objective
+    );
+    assert_eq!(placed.labels, both);
+
     // A gradient does not drift: the counts stand.
     let view = fedsgd(true_gradient(&target, &images[0], &steps[0]), 2);
     let view = view.update_view().unwrap();

@@ -441,6 +441,17 @@ pub struct GradientMatcher<'a> {
     clients: Option<Vec<ClientSteps>>,
 }
 
+/// Where one client's simulated local SGD stands after some of its steps
+/// ([`GradientMatcher::simulated_sgd_step`]), so that simulations sharing their first steps share
+/// them once.
+#[derive(Debug, Clone)]
+pub(crate) struct SimulatedSgd {
+    /// The observed parameters, in the matcher's order.
+    parameters: Vec<Tensor>,
+    /// The heavy-ball velocity of the last step (`None` before the first).
+    velocity: Option<Vec<Tensor>>,
+}
+
 /// Relative step of the central difference: eps * |u| = this fraction of |theta|.
 const CENTRAL_DIFFERENCE_STEP: f64 = 1e-3;
 
@@ -723,16 +734,68 @@ impl<'a> GradientMatcher<'a> {
         Ok(moved.then_some((order, labels)))
     }
 
-    /// The update `images` under `labels` (one class per image, in the candidates' order) would
-    /// produce, by first-order passes only, by parameter name: the weighted sum over the clients of
-    /// each one's gradient, or of its delta after its unrolled steps.
+    /// Where every client's simulated local SGD starts: the global parameters, no velocity.
+    pub(crate) fn sgd_start(&self) -> SimulatedSgd {
+        let base = self.model.parameters();
+        SimulatedSgd {
+            parameters: self.names.iter().map(|n| base[n].clone()).collect(),
+            velocity: None,
+        }
+    }
+
+    /// `state` after one more simulated local SGD step on `images` (N x C x H x W) under `labels`
+    /// (one class per image), by one first-order pass at the matcher's learning rate and momentum.
     ///
     /// # Errors
-    /// Candle errors, and [`AttackError::Observation`] for labels outside the model's classes.
-    pub fn simulated_update(&self, images: &Tensor, labels: &[u32]) -> Result<ParamMap> {
+    /// [`AttackError::Configuration`] when the matcher matches a gradient (it unrolls no steps);
+    /// [`AttackError::Observation`] for labels outside the model's classes; candle errors.
+    pub(crate) fn simulated_sgd_step(
+        &self,
+        state: &SimulatedSgd,
+        images: &Tensor,
+        labels: &[u32],
+    ) -> Result<SimulatedSgd> {
+        let Some((lr, _)) = self.unroll else {
+            return Err(AttackError::Configuration {
+                attack: self.loss.attack_id(),
+                reason: "a matcher of a gradient simulates no local steps".to_string(),
+            });
+        };
         let targets = one_hot(labels, self.model.num_classes(), self.dtype, &self.device)?;
-        let update = self.simulate_first_order(&images.to_dtype(self.dtype)?, &targets)?;
-        Ok(self.names.iter().cloned().zip(update).collect())
+        self.advance(state, &images.to_dtype(self.dtype)?, &targets, lr)
+    }
+
+    /// How far `state` has moved the parameter `name` from its global value; `None` for a
+    /// parameter the update does not observe.
+    pub(crate) fn simulated_change(
+        &self,
+        state: &SimulatedSgd,
+        name: &str,
+    ) -> Result<Option<Tensor>> {
+        let Some(index) = self.names.iter().position(|n| n == name) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            (&state.parameters[index] - &self.model.parameters()[name])?,
+        ))
+    }
+
+    /// `state` after one local SGD step on `images` under one-hot `labels` at learning rate `lr`.
+    fn advance(
+        &self,
+        state: &SimulatedSgd,
+        images: &Tensor,
+        labels: &Tensor,
+        lr: f64,
+    ) -> Result<SimulatedSgd> {
+        let (_, gradient) = self.first_order(&state.parameters, images, labels, false, true)?;
+        let gradient = gradient.ok_or_else(|| self.no_parameter_gradients())?;
+        let (parameters, velocity) =
+            self.sgd_step(&state.parameters, state.velocity.as_deref(), gradient, lr)?;
+        Ok(SimulatedSgd {
+            parameters,
+            velocity: Some(velocity),
+        })
     }
 
     /// The update `images` under `labels` would produce, by first-order passes only (no graph kept):
@@ -801,21 +864,16 @@ impl<'a> GradientMatcher<'a> {
         lr: f64,
         steps: usize,
     ) -> Result<Vec<Vec<Tensor>>> {
-        let base = self.model.parameters();
-        let mut trajectory: Vec<Vec<Tensor>> =
-            vec![self.names.iter().map(|n| base[n].clone()).collect()];
-        let mut velocity: Option<Vec<Tensor>> = None;
+        let mut trajectory = vec![self.sgd_start()];
         for (step, range) in client.steps.iter().take(steps).enumerate() {
-            let current = &trajectory[step];
             let (step_images, step_labels) = slice_inputs(images, labels, range)?;
-            let (_, gradient) =
-                self.first_order(current, &step_images, &step_labels, false, true)?;
-            let gradient = gradient.ok_or_else(|| self.no_parameter_gradients())?;
-            let (next, moved) = self.sgd_step(current, velocity.as_deref(), gradient, lr)?;
+            let next = self.advance(&trajectory[step], &step_images, &step_labels, lr)?;
             trajectory.push(next);
-            velocity = Some(moved);
         }
-        Ok(trajectory)
+        Ok(trajectory
+            .into_iter()
+            .map(|state| state.parameters)
+            .collect())
     }
 
     /// The same matcher refining candidates by [`refine_patches_after_steps_on_batches`] at `ridge` (see

@@ -61,7 +61,8 @@ pub use patch_refinement::{
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
 pub use unrolled_labels::{
-    place_labels_by_unrolling, unrolled_label_hypotheses, MAX_LABEL_HYPOTHESES,
+    place_labels_by_unrolling, unrolled_label_hypotheses, LabelSearchSize, MAX_LABEL_HYPOTHESES,
+    MAX_SIMULATED_STEPS,
 };
 
 /// Makes candle keep the graph of gradients on the current thread, so that second-order gradients (the

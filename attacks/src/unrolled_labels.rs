@@ -22,11 +22,10 @@
 //! ways, the private one scored best (relative distance 5.2e-3, next 1.4e-2; the counts dealt over
 //! the steps 3.2e-2), by the classifier weight's part (by the bias's alone it ranked eighth: both
 //! are matched). Over the capture's four clients, labels right by the counts 12 / 13 / 11 / 12 of
-//! 16, unrolled 16 / 15 / 16 / 16 with noise stand-ins and with reference ones alike (about 2 min
-//! per client, release build, a busy machine). With its private labels Inverting Gradients
-//! reaches 19.59 dB on client 0 where the counts' labels left it at 9.70 dB; with the unrolled
-//! labels, `fedleak attack --attack auto` (defaults) reached 19.24 dB / SSIM 0.304 at objective
-//! 1.4e-6.
+//! 16, unrolled 16 / 15 / 16 / 16 with noise stand-ins and with reference ones alike. With its
+//! private labels Inverting Gradients reaches 19.59 dB on client 0 where the counts' labels left
+//! it at 9.70 dB; with the unrolled labels, `fedleak attack --attack auto` (defaults) reached
+//! 19.24 dB / SSIM 0.304 at objective 1.4e-6.
 //!
 //! Measured and ruled out (scratch probes on the same capture): a local search (single
 //! relabels, swaps between steps, or each step's counts enumerated in turn) from the counts dealt
@@ -34,27 +33,45 @@
 //! on frozen stand-in features (microseconds per hypothesis) puts every hypothesis at a distance
 //! of about 0.2 and the private one nowhere near first: the features drift too.
 
+use std::ops::Range;
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::feature_inversion::random_images;
 use crate::idlg::LabelRecovery;
-use crate::inverting_gradients::{GradientMatcher, InputGradient};
+use crate::inverting_gradients::{GradientMatcher, InputGradient, SimulatedSgd};
 use crate::label_counts::ReferenceImages;
-use crate::linear::observed_tensor;
+use crate::linear::{observed_tensor, tensor_to_f64};
 use crate::model::TargetModel;
-use crate::observation::{UpdateSource, UpdateView};
+use crate::observation::{ClientSteps, UpdateSource, UpdateView};
 use crate::prior::ImagePrior;
 use crate::{AttackError, Result};
 
 /// Name of the attack in reports.
 const ATTACK: &str = "unrolled-label-counts";
 
-/// The most label hypotheses one search scores (each costs a first-order unroll of every
-/// client's steps; 625 took 2 - 4 min for 4 steps of 4 images of the tiny ViT on this machine).
-pub const MAX_LABEL_HYPOTHESES: usize = 1024;
+/// The most local steps one search simulates (one first-order pass each; hypotheses that share
+/// their first steps share them once). The capture of the module docs (625 hypotheses of 4 steps
+/// of 4 images of the tiny ViT) takes 780 simulated steps: 57 - 63 s per client with an attack
+/// sharing the two cores, where unrolling every hypothesis from the start (2500 steps) took 178 s
+/// alongside (2026-12-05, release build; the same labels and distances).
+pub const MAX_SIMULATED_STEPS: usize = 4096;
+
+/// The most label hypotheses one search scores. Each client's steps are simulated apart, so an
+/// aggregate's hypotheses are combinations of its clients' simulated deltas, each costing one sum
+/// of classifier-sized vectors, not a simulation.
+pub const MAX_LABEL_HYPOTHESES: usize = 1 << 20;
+
+/// What [`place_labels_by_unrolling`] is about to do for an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LabelSearchSize {
+    /// Label hypotheses scored: every combination of per-batch class counts over all clients.
+    pub hypotheses: usize,
+    /// Local steps simulated, one first-order pass each (at most [`MAX_SIMULATED_STEPS`]).
+    pub simulated_steps: usize,
+}
 
 /// The labels of the images behind a multi-step SGD delta, one per image in the view's order (each
 /// step's batch after the one before, client after client, as [`crate::invert_gradients`] takes
@@ -66,10 +83,15 @@ pub const MAX_LABEL_HYPOTHESES: usize = 1024;
 /// over the steps, neither single relabels, swaps between steps nor a step-by-step exhaustive
 /// descent reached the private labels, which scored best of all 625).
 ///
+/// The search walks each client's hypotheses depth first, so hypotheses that agree on a client's
+/// first batches share the simulation of those steps, and simulates each client apart; an
+/// aggregate's hypotheses are then the combinations of its clients' simulated deltas, weighted as
+/// the aggregate weights them.
+///
 /// `None` when it does not apply: a gradient, an adaptive optimizer's delta, clients that each
-/// took one step (nothing drifts), or more than [`MAX_LABEL_HYPOTHESES`] hypotheses (many classes
-/// or large batches; the counts then stand). The objective is the winner's distance, relative to
-/// the observed classifier delta's squared norm.
+/// took one step (nothing drifts), or a search beyond [`MAX_SIMULATED_STEPS`] or
+/// [`MAX_LABEL_HYPOTHESES`] (many classes or large batches; the counts then stand). The objective
+/// is the winner's distance, relative to the observed classifier delta's squared norm.
 ///
 /// # Errors
 /// [`AttackError::Observation`] when the update lacks the classifier or `reference` lacks a class;
@@ -90,18 +112,16 @@ pub fn place_labels_by_unrolling(
         } => (*lr, *local_steps, *momentum),
         UpdateSource::Gradient | UpdateSource::OtherDelta { .. } => return Ok(None),
     };
-    let Some((hypotheses, groups)) = hypotheses_of(view, model.num_classes()) else {
+    let Some(search) = LabelSearch::of(view, model.num_classes()) else {
         return Ok(None);
     };
     let classifier = model.classifier();
-    let observed = [
-        observed_tensor(view.update, &classifier.weight)?.to_dtype(DType::F64)?,
-        observed_tensor(view.update, &classifier.bias)?.to_dtype(DType::F64)?,
-    ];
-    let observed_energy: f64 = observed
-        .iter()
-        .map(|t| Ok(t.sqr()?.sum_all()?.to_scalar::<f64>()?))
-        .sum::<Result<f64>>()?;
+    let names = [classifier.weight.as_str(), classifier.bias.as_str()];
+    let mut observed = Vec::new();
+    for name in names {
+        observed.extend(tensor_to_f64(observed_tensor(view.update, name)?)?);
+    }
+    let observed_energy: f64 = observed.iter().map(|v| v * v).sum();
     if !(observed_energy > 0.0 && observed_energy.is_finite()) {
         return Ok(None);
     }
@@ -116,70 +136,251 @@ pub fn place_labels_by_unrolling(
     .with_momentum(momentum)
     .with_clients(&view.clients)?;
     let stand_ins = StandIns::new(model, view.images, reference, seed)?;
-    let distance = |labels: &[u32]| -> Result<f64> {
-        let simulated = matcher.simulated_update(&stand_ins.images(labels)?, labels)?;
-        let mut sum = 0.0;
-        for (name, observed) in [&classifier.weight, &classifier.bias].iter().zip(&observed) {
-            let simulated = observed_tensor(&simulated, name)?.to_dtype(DType::F64)?;
-            sum += (simulated - observed)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
-        }
-        Ok(sum / observed_energy)
+    let mut per_client = Vec::with_capacity(search.clients.len());
+    for (client, plan) in view.clients.iter().zip(&search.clients) {
+        let mut walk = ClientWalk {
+            matcher: &matcher,
+            stand_ins: &stand_ins,
+            names,
+            client,
+            plan,
+            chosen: vec![None; plan.groups.len()],
+            outcomes: Vec::new(),
+        };
+        walk.descend(0, &matcher.sgd_start())?;
+        per_client.push(walk.outcomes);
+    }
+    let weights: Vec<f64> = view.clients.iter().map(|client| client.weight).collect();
+    let Some((distance, picks)) = closest_combination(&per_client, &weights, &observed) else {
+        return Ok(None);
     };
-    let mut best: Option<(f64, Vec<u32>)> = None;
-    for index in 0..hypotheses {
-        // Hypothesis `index` in mixed radix over the groups' multisets.
-        let mut rest = index;
-        let labels: Vec<u32> = groups
-            .iter()
-            .flat_map(|group| {
-                let pick = &group[rest % group.len()];
-                rest /= group.len();
-                pick.iter().copied()
-            })
-            .collect();
-        let d = distance(&labels)?;
-        // A hypothesis whose unroll diverges (not finite) explains nothing.
-        if d.is_finite() && best.as_ref().is_none_or(|(b, _)| d < *b) {
-            best = Some((d, labels));
+    let mut labels = vec![0; view.images];
+    for ((plan, outcomes), pick) in search.clients.iter().zip(&per_client).zip(picks) {
+        for (group, &choice) in outcomes[pick].choice.iter().enumerate() {
+            labels[plan.groups[group].clone()].copy_from_slice(&plan.multisets[group][choice]);
         }
     }
-    Ok(best.map(|(objective, labels)| LabelRecovery {
+    Ok(Some(LabelRecovery {
         labels,
         attack: ATTACK,
-        objective,
+        objective: distance / observed_energy,
         seconds: start.elapsed().as_secs_f64(),
     }))
 }
 
-/// How many label hypotheses [`place_labels_by_unrolling`] scores for `view` under `classes`
-/// classes (each a first-order unroll of every client's steps), or `None` when it does not apply;
-/// for telling the user what the label recovery is about to cost.
-pub fn unrolled_label_hypotheses(view: &UpdateView<'_>, classes: usize) -> Option<usize> {
-    hypotheses_of(view, classes).map(|(count, _)| count)
+/// How large [`place_labels_by_unrolling`]'s search is for `view` under `classes` classes, or
+/// `None` when it does not apply; for telling the user what the label recovery is about to cost.
+pub fn unrolled_label_hypotheses(view: &UpdateView<'_>, classes: usize) -> Option<LabelSearchSize> {
+    LabelSearch::of(view, classes).map(|search| search.size)
 }
 
-/// The number of hypotheses and each image group's label multisets, when the unrolled placement
-/// applies: an SGD delta, some client with more than one step, at most [`MAX_LABEL_HYPOTHESES`].
-fn hypotheses_of(view: &UpdateView<'_>, classes: usize) -> Option<(usize, Vec<Vec<Vec<u32>>>)> {
-    if !view.source.unrolls() || view.unrolled_steps() <= view.clients.len() || view.images == 0 {
+/// The hypotheses of a search: each client's plan and the search's size.
+struct LabelSearch {
+    clients: Vec<ClientPlan>,
+    size: LabelSearchSize,
+}
+
+impl LabelSearch {
+    /// The search for `view`, when the unrolled placement applies: an SGD delta, some client with
+    /// more than one step, within [`MAX_SIMULATED_STEPS`] and [`MAX_LABEL_HYPOTHESES`].
+    fn of(view: &UpdateView<'_>, classes: usize) -> Option<Self> {
+        if !view.source.unrolls() || view.unrolled_steps() <= view.clients.len() || view.images == 0
+        {
+            return None;
+        }
+        let clients: Vec<ClientPlan> = view
+            .clients
+            .iter()
+            .map(|client| ClientPlan::of(client, classes as u32))
+            .collect::<Option<_>>()?;
+        let simulated_steps = clients
+            .iter()
+            .try_fold(0usize, |sum, plan| sum.checked_add(plan.simulated_steps))
+            .filter(|&steps| steps <= MAX_SIMULATED_STEPS)?;
+        let hypotheses = clients
+            .iter()
+            .try_fold(1usize, |product, plan| product.checked_mul(plan.hypotheses))
+            .filter(|&count| count <= MAX_LABEL_HYPOTHESES)?;
+        Some(Self {
+            clients,
+            size: LabelSearchSize {
+                hypotheses,
+                simulated_steps,
+            },
+        })
+    }
+}
+
+/// One client's hypotheses: the groups of images its steps trained on and their label multisets.
+struct ClientPlan {
+    /// The distinct image ranges of the client's steps, in the order the steps first use them.
+    groups: Vec<Range<usize>>,
+    /// For each step, the index of its group.
+    step_groups: Vec<usize>,
+    /// For each group, every multiset of labels its images may hold.
+    multisets: Vec<Vec<Vec<u32>>>,
+    /// The client's hypotheses (the product of its groups' multisets).
+    hypotheses: usize,
+    /// The steps a depth-first walk over them simulates: after each step, as many states as
+    /// hypotheses of the groups used so far.
+    simulated_steps: usize,
+}
+
+impl ClientPlan {
+    /// The plan of `client` under `classes` classes; `None` beyond [`MAX_SIMULATED_STEPS`].
+    fn of(client: &ClientSteps, classes: u32) -> Option<Self> {
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        let mut step_groups = Vec::with_capacity(client.steps.len());
+        let mut multisets = Vec::new();
+        let mut hypotheses = 1usize;
+        let mut simulated_steps = 0usize;
+        for range in &client.steps {
+            let group = match groups.iter().position(|g| g == range) {
+                Some(group) => group,
+                None => {
+                    let sets = class_multisets(range.len(), classes);
+                    hypotheses = hypotheses.checked_mul(sets.len())?;
+                    multisets.push(sets);
+                    groups.push(range.clone());
+                    groups.len() - 1
+                }
+            };
+            step_groups.push(group);
+            simulated_steps = simulated_steps
+                .checked_add(hypotheses)
+                .filter(|&steps| steps <= MAX_SIMULATED_STEPS)?;
+        }
+        Some(Self {
+            groups,
+            step_groups,
+            multisets,
+            hypotheses,
+            simulated_steps,
+        })
+    }
+}
+
+/// One client's simulated classifier delta under one of its hypotheses.
+struct Simulated {
+    /// For each of the client's groups, the index of its multiset.
+    choice: Vec<usize>,
+    /// The classifier's weight and bias deltas, flattened one after the other.
+    change: Vec<f64>,
+}
+
+/// A depth-first walk over one client's hypotheses, simulating each step once per distinct
+/// prefix of label choices.
+struct ClientWalk<'a, 'm> {
+    matcher: &'a GradientMatcher<'m>,
+    stand_ins: &'a StandIns<'a>,
+    /// The classifier's weight and bias, whose deltas are compared.
+    names: [&'a str; 2],
+    client: &'a ClientSteps,
+    plan: &'a ClientPlan,
+    /// The multiset chosen so far for each group.
+    chosen: Vec<Option<usize>>,
+    /// Every finite simulated delta found.
+    outcomes: Vec<Simulated>,
+}
+
+impl ClientWalk<'_, '_> {
+    /// Simulates the client's steps from `step` on, from `state`, under every choice of the groups
+    /// not chosen yet.
+    fn descend(&mut self, step: usize, state: &SimulatedSgd) -> Result<()> {
+        let Some(range) = self.client.steps.get(step) else {
+            return self.record(state);
+        };
+        let group = self.plan.step_groups[step];
+        let choices = match self.chosen[group] {
+            Some(choice) => choice..choice + 1,
+            None => 0..self.plan.multisets[group].len(),
+        };
+        let already_chosen = self.chosen[group].is_some();
+        for choice in choices {
+            self.chosen[group] = Some(choice);
+            let labels = &self.plan.multisets[group][choice];
+            let images = self.stand_ins.images(range.clone(), labels)?;
+            let next = self.matcher.simulated_sgd_step(state, &images, labels)?;
+            self.descend(step + 1, &next)?;
+        }
+        if !already_chosen {
+            self.chosen[group] = None;
+        }
+        Ok(())
+    }
+
+    /// Keeps the classifier's delta at `state` (the end of the client's steps), if it is finite:
+    /// a hypothesis whose unroll diverges explains nothing.
+    fn record(&mut self, state: &SimulatedSgd) -> Result<()> {
+        let mut change = Vec::new();
+        for name in self.names {
+            let tensor = self.matcher.simulated_change(state, name)?.ok_or_else(|| {
+                AttackError::Observation {
+                    name: name.to_string(),
+                    reason: "the update does not observe the classifier".to_string(),
+                }
+            })?;
+            change.extend(tensor_to_f64(&tensor)?);
+        }
+        if change.iter().all(|v| v.is_finite()) {
+            let choice = self.chosen.iter().map(|c| c.unwrap_or(0)).collect();
+            self.outcomes.push(Simulated { choice, change });
+        }
+        Ok(())
+    }
+}
+
+/// The combination of one simulated delta per client whose weighted sum is closest to `observed`:
+/// its squared distance and each client's pick; `None` when some client has none.
+fn closest_combination(
+    per_client: &[Vec<Simulated>],
+    weights: &[f64],
+    observed: &[f64],
+) -> Option<(f64, Vec<usize>)> {
+    /// Extends `picks` over the clients from `level` on, given `residual` = observed minus the
+    /// weighted deltas picked so far.
+    fn descend(
+        per_client: &[Vec<Simulated>],
+        weights: &[f64],
+        level: usize,
+        residual: &[f64],
+        picks: &mut Vec<usize>,
+        best: &mut Option<(f64, Vec<usize>)>,
+    ) {
+        let last = level + 1 == per_client.len();
+        for (index, simulated) in per_client[level].iter().enumerate() {
+            let weight = weights[level];
+            picks.push(index);
+            if last {
+                let distance: f64 = residual
+                    .iter()
+                    .zip(&simulated.change)
+                    .map(|(r, c)| (r - weight * c).powi(2))
+                    .sum();
+                if best.as_ref().is_none_or(|(b, _)| distance < *b) {
+                    *best = Some((distance, picks.clone()));
+                }
+            } else {
+                let next: Vec<f64> = residual
+                    .iter()
+                    .zip(&simulated.change)
+                    .map(|(r, c)| r - weight * c)
+                    .collect();
+                descend(per_client, weights, level + 1, &next, picks, best);
+            }
+            picks.pop();
+        }
+    }
+    if per_client.is_empty() {
         return None;
     }
-    let groups: Vec<Vec<Vec<u32>>> = view
-        .group_ranges()
-        .iter()
-        .map(|range| class_multisets(range.len(), classes as u32))
-        .collect();
-    let count = groups
-        .iter()
-        .try_fold(1usize, |product, group| product.checked_mul(group.len()))
-        .filter(|&count| count <= MAX_LABEL_HYPOTHESES)?;
-    Some((count, groups))
+    let mut best = None;
+    descend(per_client, weights, 0, observed, &mut Vec::new(), &mut best);
+    best
 }
 
-/// Every multiset of `size` labels over `classes` classes, each sorted ascending.
+/// Every multiset of `size` labels over `classes` classes, each sorted ascending (stops growing
+/// past [`MAX_SIMULATED_STEPS`], which no search may exceed).
 ///
 /// ```text
 /// class_multisets(2, 2) == [[0, 0], [0, 1], [1, 1]]
@@ -198,7 +399,7 @@ fn class_multisets(size: usize, classes: u32) -> Vec<Vec<u32>> {
                 })
             })
             .collect();
-        if all.len() > MAX_LABEL_HYPOTHESES {
+        if all.len() > MAX_SIMULATED_STEPS {
             break;
         }
     }
@@ -246,17 +447,16 @@ impl<'a> StandIns<'a> {
         })
     }
 
-    /// The stand-in images of `labels`' slots (N x C x H x W).
-    fn images(&self, labels: &[u32]) -> Result<Tensor> {
+    /// The stand-in images of the slots `range` under `labels`, one per slot (N x C x H x W).
+    fn images(&self, range: Range<usize>, labels: &[u32]) -> Result<Tensor> {
         Ok(match self {
-            StandIns::Noise(images) => images.clone(),
+            StandIns::Noise(images) => images.narrow(0, range.start, range.len())?,
             StandIns::Reference {
                 reference,
                 by_class,
             } => {
-                let picks: Vec<u32> = labels
-                    .iter()
-                    .enumerate()
+                let picks: Vec<u32> = range
+                    .zip(labels)
                     .map(|(slot, &class)| {
                         let pool = &by_class[class as usize];
                         pool[slot % pool.len()]

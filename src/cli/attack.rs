@@ -451,18 +451,20 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
 const LONG_ATTACK_SECONDS: f64 = 600.0;
 
 /// Logs that the labels of a multi-step SGD delta are about to be chosen by unrolling the local
-/// steps under every hypothesis of per-batch counts ([`unrolled_label_hypotheses`]): one unroll
-/// each, minutes for hundreds of hypotheses.
+/// steps under every hypothesis of per-batch counts ([`unrolled_label_hypotheses`]): a first-order
+/// pass per simulated step, a minute or more for hundreds of steps.
 fn announce_label_search(observation: &Observation, target: &VitTarget) {
     let Ok(view) = observation.update_view() else {
         return;
     };
-    if let Some(count) = unrolled_label_hypotheses(&view, target.num_classes()) {
+    if let Some(size) = unrolled_label_hypotheses(&view, target.num_classes()) {
         tracing::info!(
-            "labels of {} image(s) behind {} local step(s): scoring {count} hypotheses of how many \
-             images of each class each batch held, one unroll of the steps each",
+            "labels of {} image(s) behind {} local step(s): scoring {} hypotheses of how many \
+             images of each class each batch held, by {} simulated local steps",
             view.images,
-            view.unrolled_steps()
+            view.unrolled_steps(),
+            size.hypotheses,
+            size.simulated_steps
         );
     }
 }
