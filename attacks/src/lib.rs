@@ -61,7 +61,7 @@ pub use patch_refinement::{
 pub use prior::{patch_border_variation, total_variation, ImagePrior};
 pub use reconstruction::{AttackOutcome, Reconstruction};
 pub use unrolled_labels::{
-    place_labels_by_unrolling, unrolled_label_hypotheses, LabelSearchSize, MAX_LABEL_HYPOTHESES,
+    place_labels_by_unrolling, unrolled_label_hypotheses, LabelSearchSize, MAX_HALF_COMBINATIONS,
     MAX_SIMULATED_STEPS,
 };
 

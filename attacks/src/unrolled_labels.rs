@@ -27,6 +27,13 @@
 //! it at 9.70 dB; with the unrolled labels, `fedleak attack --attack auto` (defaults) reached
 //! 19.24 dB / SSIM 0.304 at objective 1.4e-6.
 //!
+//! Aggregates (2026-12-05, release build): four clients of the same training (4 local steps at lr
+//! 0.01, one or two images per step, equal weights), the server's average: the labels as a
+//! multiset over the aggregate 87.5 % / 84.4 % right by the counts, 100 % / 100 % unrolled (65 536
+//! hypotheses by 120 simulated steps in 2.7 s; 43 046 721 by 480 in 19 s). Which client held
+//! which label is weakly identifiable when the clients weigh alike: 12 of 16 and 22 of 32 slots
+//! right, and with two images per step no client's multiset right, though their sum is.
+//!
 //! Measured and ruled out (scratch probes on the same capture): a local search (single
 //! relabels, swaps between steps, or each step's counts enumerated in turn) from the counts dealt
 //! over the steps stays at them (distance 3.2e-2, a local minimum); unrolling only the classifier
@@ -36,7 +43,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use rand::{rngs::StdRng, SeedableRng};
 
 use crate::feature_inversion::random_images;
@@ -59,10 +66,12 @@ const ATTACK: &str = "unrolled-label-counts";
 /// alongside (2026-12-05, release build; the same labels and distances).
 pub const MAX_SIMULATED_STEPS: usize = 4096;
 
-/// The most label hypotheses one search scores. Each client's steps are simulated apart, so an
-/// aggregate's hypotheses are combinations of its clients' simulated deltas, each costing one sum
-/// of classifier-sized vectors, not a simulation.
-pub const MAX_LABEL_HYPOTHESES: usize = 1 << 20;
+/// The most combinations of the clients' simulated deltas either half of an aggregate's clients
+/// may have. Each client's steps are simulated apart, and the search pairs every weighted sum of
+/// one half's deltas with every one of the other's (meet in the middle: one matrix product), so an
+/// aggregate's hypotheses cost sums of classifier-sized vectors, not simulations, up to the square
+/// of this.
+pub const MAX_HALF_COMBINATIONS: usize = 8192;
 
 /// What [`place_labels_by_unrolling`] is about to do for an update.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +99,7 @@ pub struct LabelSearchSize {
 ///
 /// `None` when it does not apply: a gradient, an adaptive optimizer's delta, clients that each
 /// took one step (nothing drifts), or a search beyond [`MAX_SIMULATED_STEPS`] or
-/// [`MAX_LABEL_HYPOTHESES`] (many classes or large batches; the counts then stand). The objective
+/// [`MAX_HALF_COMBINATIONS`] (many classes or large batches; the counts then stand). The objective
 /// is the winner's distance, relative to the observed classifier delta's squared norm.
 ///
 /// # Errors
@@ -151,7 +160,7 @@ pub fn place_labels_by_unrolling(
         per_client.push(walk.outcomes);
     }
     let weights: Vec<f64> = view.clients.iter().map(|client| client.weight).collect();
-    let Some((distance, picks)) = closest_combination(&per_client, &weights, &observed) else {
+    let Some((distance, picks)) = closest_combination(&per_client, &weights, &observed)? else {
         return Ok(None);
     };
     let mut labels = vec![0; view.images];
@@ -182,7 +191,7 @@ struct LabelSearch {
 
 impl LabelSearch {
     /// The search for `view`, when the unrolled placement applies: an SGD delta, some client with
-    /// more than one step, within [`MAX_SIMULATED_STEPS`] and [`MAX_LABEL_HYPOTHESES`].
+    /// more than one step, within [`MAX_SIMULATED_STEPS`] and [`MAX_HALF_COMBINATIONS`].
     fn of(view: &UpdateView<'_>, classes: usize) -> Option<Self> {
         if !view.source.unrolls() || view.unrolled_steps() <= view.clients.len() || view.images == 0
         {
@@ -197,10 +206,9 @@ impl LabelSearch {
             .iter()
             .try_fold(0usize, |sum, plan| sum.checked_add(plan.simulated_steps))
             .filter(|&steps| steps <= MAX_SIMULATED_STEPS)?;
-        let hypotheses = clients
-            .iter()
-            .try_fold(1usize, |product, plan| product.checked_mul(plan.hypotheses))
-            .filter(|&count| count <= MAX_LABEL_HYPOTHESES)?;
+        let counts: Vec<usize> = clients.iter().map(|plan| plan.hypotheses).collect();
+        balanced_split(&counts)?;
+        let hypotheses = counts.iter().product();
         Some(Self {
             clients,
             size: LabelSearchSize {
@@ -331,52 +339,110 @@ impl ClientWalk<'_, '_> {
 }
 
 /// The combination of one simulated delta per client whose weighted sum is closest to `observed`:
-/// its squared distance and each client's pick; `None` when some client has none.
+/// its squared distance and each client's pick; `None` when some client has none or the clients
+/// do not split into two halves of at most [`MAX_HALF_COMBINATIONS`] combinations each.
+///
+/// Meet in the middle: every weighted sum of the first half's picks and of the second half's is
+/// formed, and each pair's distance `|observed - a - b|^2 = |r_a|^2 - 2 r_a . b + |b|^2` (with
+/// `r_a = observed - a`) comes from one matrix product, so the pairs are scored without forming
+/// their sums; the winner's distance is then taken directly.
 fn closest_combination(
     per_client: &[Vec<Simulated>],
     weights: &[f64],
     observed: &[f64],
-) -> Option<(f64, Vec<usize>)> {
-    /// Extends `picks` over the clients from `level` on, given `residual` = observed minus the
-    /// weighted deltas picked so far.
-    fn descend(
-        per_client: &[Vec<Simulated>],
-        weights: &[f64],
-        level: usize,
-        residual: &[f64],
-        picks: &mut Vec<usize>,
-        best: &mut Option<(f64, Vec<usize>)>,
-    ) {
-        let last = level + 1 == per_client.len();
-        for (index, simulated) in per_client[level].iter().enumerate() {
-            let weight = weights[level];
-            picks.push(index);
-            if last {
-                let distance: f64 = residual
-                    .iter()
-                    .zip(&simulated.change)
-                    .map(|(r, c)| (r - weight * c).powi(2))
-                    .sum();
-                if best.as_ref().is_none_or(|(b, _)| distance < *b) {
-                    *best = Some((distance, picks.clone()));
+) -> Result<Option<(f64, Vec<usize>)>> {
+    let counts: Vec<usize> = per_client.iter().map(Vec::len).collect();
+    if counts.contains(&0) {
+        return Ok(None);
+    }
+    let Some(split) = balanced_split(&counts) else {
+        return Ok(None);
+    };
+    let width = observed.len();
+    let (left_picks, left_sums) = weighted_sums(&per_client[..split], &weights[..split], width);
+    let (right_picks, right_sums) = weighted_sums(&per_client[split..], &weights[split..], width);
+    let residuals: Vec<f64> = left_sums
+        .chunks(width)
+        .flat_map(|sum| observed.iter().zip(sum).map(|(o, s)| o - s))
+        .collect();
+    let squared_norms = |rows: &[f64]| -> Vec<f64> {
+        rows.chunks(width)
+            .map(|row| row.iter().map(|v| v * v).sum())
+            .collect()
+    };
+    let residual_norms = squared_norms(&residuals);
+    let right_norms = squared_norms(&right_sums);
+    let device = Device::Cpu;
+    let right = Tensor::from_vec(right_sums.clone(), (right_picks.len(), width), &device)?;
+    let mut best: Option<(f64, usize, usize)> = None;
+    for (chunk, rows) in residuals.chunks(PAIR_CHUNK * width).enumerate() {
+        let count = rows.len() / width;
+        let cross: Vec<Vec<f64>> = Tensor::from_slice(rows, (count, width), &device)?
+            .matmul(&right.t()?)?
+            .to_vec2()?;
+        for (row, products) in cross.iter().enumerate() {
+            let left = chunk * PAIR_CHUNK + row;
+            for (right, product) in products.iter().enumerate() {
+                let distance = residual_norms[left] - 2.0 * product + right_norms[right];
+                if best.is_none_or(|(b, _, _)| distance < b) {
+                    best = Some((distance, left, right));
                 }
-            } else {
-                let next: Vec<f64> = residual
-                    .iter()
-                    .zip(&simulated.change)
-                    .map(|(r, c)| r - weight * c)
-                    .collect();
-                descend(per_client, weights, level + 1, &next, picks, best);
             }
-            picks.pop();
         }
     }
-    if per_client.is_empty() {
-        return None;
+    let Some((_, left, right)) = best else {
+        return Ok(None);
+    };
+    let residual = &residuals[left * width..(left + 1) * width];
+    let sum = &right_sums[right * width..(right + 1) * width];
+    let distance = residual.iter().zip(sum).map(|(r, s)| (r - s).powi(2)).sum();
+    let mut picks = left_picks[left].clone();
+    picks.extend(&right_picks[right]);
+    Ok(Some((distance, picks)))
+}
+
+/// Rows of the first half's residuals scored against the second half at once (bounds the memory of
+/// one matrix product to this many rows by [`MAX_HALF_COMBINATIONS`] columns).
+const PAIR_CHUNK: usize = 512;
+
+/// Where to split clients with `counts` hypotheses each into two halves of at most
+/// [`MAX_HALF_COMBINATIONS`] combinations each, as evenly as possible; `None` if no split fits.
+fn balanced_split(counts: &[usize]) -> Option<usize> {
+    let product = |counts: &[usize]| counts.iter().try_fold(1usize, |p, &c| p.checked_mul(c));
+    (0..=counts.len())
+        .filter_map(|split| {
+            let larger = product(&counts[..split])?.max(product(&counts[split..])?);
+            (larger <= MAX_HALF_COMBINATIONS).then_some((larger, split))
+        })
+        .min()
+        .map(|(_, split)| split)
+}
+
+/// Every combination of one simulated delta per client of `clients`: each one's picks, and the
+/// sums of their changes weighted by `weights`, one row of `width` values per combination (one
+/// all-zero row with no picks for no clients).
+fn weighted_sums(
+    clients: &[Vec<Simulated>],
+    weights: &[f64],
+    width: usize,
+) -> (Vec<Vec<usize>>, Vec<f64>) {
+    let mut picks: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut sums = vec![0.0; width];
+    for (options, &weight) in clients.iter().zip(weights) {
+        let mut next_picks = Vec::with_capacity(picks.len() * options.len());
+        let mut next_sums = Vec::with_capacity(sums.len() * options.len());
+        for (pick, sum) in picks.iter().zip(sums.chunks(width)) {
+            for (index, option) in options.iter().enumerate() {
+                let mut extended = pick.clone();
+                extended.push(index);
+                next_picks.push(extended);
+                next_sums.extend(sum.iter().zip(&option.change).map(|(s, c)| s + weight * c));
+            }
+        }
+        picks = next_picks;
+        sums = next_sums;
     }
-    let mut best = None;
-    descend(per_client, weights, 0, observed, &mut Vec::new(), &mut best);
-    best
+    (picks, sums)
 }
 
 /// Every multiset of `size` labels over `classes` classes, each sorted ascending (stops growing
@@ -466,5 +532,86 @@ impl<'a> StandIns<'a> {
                 reference.images.index_select(&index, 0)?
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// `clients` clients with `options` random simulated deltas of `width` values each.
+    fn random_clients(
+        rng: &mut StdRng,
+        clients: usize,
+        options: usize,
+        width: usize,
+    ) -> Vec<Vec<Simulated>> {
+        (0..clients)
+            .map(|_| {
+                (0..options)
+                    .map(|index| Simulated {
+                        choice: vec![index],
+                        change: (0..width).map(|_| rng.random_range(-1.0..1.0)).collect(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_meet_in_the_middle_finds_the_combination_an_exhaustive_search_finds() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for clients in 1..=4 {
+            let per_client = random_clients(&mut rng, clients, 5, 12);
+            let weights: Vec<f64> = (0..clients).map(|k| 0.5 + k as f64).collect();
+            let observed: Vec<f64> = (0..12).map(|_| rng.random_range(-2.0..2.0)).collect();
+            // Every combination, its weighted sum formed and compared.
+            let mut exhaustive: Option<(f64, Vec<usize>)> = None;
+            for index in 0..5usize.pow(clients as u32) {
+                let picks: Vec<usize> = (0..clients)
+                    .map(|k| index / 5usize.pow(k as u32) % 5)
+                    .collect();
+                let distance: f64 = (0..12)
+                    .map(|i| {
+                        let sum: f64 = picks
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &p)| weights[k] * per_client[k][p].change[i])
+                            .sum();
+                        (observed[i] - sum).powi(2)
+                    })
+                    .sum();
+                if exhaustive.as_ref().is_none_or(|(b, _)| distance < *b) {
+                    exhaustive = Some((distance, picks));
+                }
+            }
+            let (expected, expected_picks) = exhaustive.unwrap();
+            let (distance, picks) = closest_combination(&per_client, &weights, &observed)
+                .unwrap()
+                .unwrap();
+            assert_eq!(picks, expected_picks, "{clients} client(s)");
+            assert!(
+                (distance - expected).abs() <= 1e-12 * expected,
+                "{distance} vs {expected}"
+            );
+        }
+        // A client whose every hypothesis diverged leaves nothing to combine.
+        let mut per_client = random_clients(&mut rng, 2, 3, 4);
+        per_client[1].clear();
+        assert_eq!(
+            closest_combination(&per_client, &[0.5, 0.5], &[0.0; 4]).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn clients_split_into_the_most_even_halves_that_fit() {
+        assert_eq!(balanced_split(&[16; 4]), Some(2));
+        assert_eq!(balanced_split(&[81; 4]), Some(2));
+        assert_eq!(balanced_split(&[4096]), Some(0));
+        assert_eq!(balanced_split(&[9000]), None);
+        assert_eq!(balanced_split(&[625; 4]), None);
+        assert_eq!(balanced_split(&[]), Some(0));
     }
 }
