@@ -765,19 +765,20 @@ impl<'a> GradientMatcher<'a> {
         self.advance(state, &images.to_dtype(self.dtype)?, &targets, lr)
     }
 
-    /// How far `state` has moved the parameter `name` from its global value; `None` for a
-    /// parameter the update does not observe.
-    pub(crate) fn simulated_change(
-        &self,
-        state: &SimulatedSgd,
-        name: &str,
-    ) -> Result<Option<Tensor>> {
-        let Some(index) = self.names.iter().position(|n| n == name) else {
-            return Ok(None);
-        };
-        Ok(Some(
-            (&state.parameters[index] - &self.model.parameters()[name])?,
-        ))
+    /// How far `state` has moved the parameter `name` from its global value.
+    ///
+    /// # Errors
+    /// [`AttackError::Observation`] for a parameter the update does not observe.
+    pub(crate) fn simulated_change(&self, state: &SimulatedSgd, name: &str) -> Result<Tensor> {
+        let index =
+            self.names
+                .iter()
+                .position(|n| n == name)
+                .ok_or_else(|| AttackError::Observation {
+                    name: name.to_string(),
+                    reason: "absent from the update".to_string(),
+                })?;
+        Ok((&state.parameters[index] - &self.model.parameters()[name])?)
     }
 
     /// `state` after one local SGD step on `images` under one-hot `labels` at learning rate `lr`.
@@ -801,8 +802,7 @@ impl<'a> GradientMatcher<'a> {
     /// The update `images` under `labels` would produce, by first-order passes only (no graph kept):
     /// the weighted sum of each client's gradient, or of its delta after its unrolled steps.
     fn simulate_first_order(&self, images: &Tensor, labels: &Tensor) -> Result<Vec<Tensor>> {
-        let base = self.model.parameters();
-        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+        let start = self.sgd_start().parameters;
         self.sum_over_clients(&self.clients_of(images.dim(0)?), |client| {
             Ok(match self.unroll {
                 None => {
@@ -864,16 +864,15 @@ impl<'a> GradientMatcher<'a> {
         lr: f64,
         steps: usize,
     ) -> Result<Vec<Vec<Tensor>>> {
-        let mut trajectory = vec![self.sgd_start()];
-        for (step, range) in client.steps.iter().take(steps).enumerate() {
+        // Only the last step's velocity is kept: the trajectory holds parameters alone.
+        let mut state = self.sgd_start();
+        let mut trajectory = vec![state.parameters.clone()];
+        for range in client.steps.iter().take(steps) {
             let (step_images, step_labels) = slice_inputs(images, labels, range)?;
-            let next = self.advance(&trajectory[step], &step_images, &step_labels, lr)?;
-            trajectory.push(next);
+            state = self.advance(&state, &step_images, &step_labels, lr)?;
+            trajectory.push(state.parameters.clone());
         }
-        Ok(trajectory
-            .into_iter()
-            .map(|state| state.parameters)
-            .collect())
+        Ok(trajectory)
     }
 
     /// The same matcher refining candidates by [`refine_patches_after_steps_on_batches`] at `ridge` (see
@@ -971,8 +970,7 @@ impl<'a> GradientMatcher<'a> {
     /// The update the candidate images would produce, tensor by tensor (graph kept to the images):
     /// the weighted sum of each client's gradient, or of its delta after its unrolled steps.
     fn simulate(&self, images: &Tensor, soft_labels: &Tensor) -> Result<Vec<Tensor>> {
-        let base = self.model.parameters();
-        let start: Vec<Tensor> = self.names.iter().map(|n| base[n].clone()).collect();
+        let start = self.sgd_start().parameters;
         self.sum_over_clients(&self.clients_of(images.dim(0)?), |client| {
             Ok(match self.unroll {
                 None => {

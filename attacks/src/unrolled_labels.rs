@@ -146,12 +146,11 @@ pub fn place_labels_by_unrolling(
     .with_clients(&view.clients)?;
     let stand_ins = StandIns::new(model, view.images, reference, seed)?;
     let mut per_client = Vec::with_capacity(search.clients.len());
-    for (client, plan) in view.clients.iter().zip(&search.clients) {
+    for plan in &search.clients {
         let mut walk = ClientWalk {
             matcher: &matcher,
             stand_ins: &stand_ins,
             names,
-            client,
             plan,
             chosen: vec![None; plan.groups.len()],
             outcomes: Vec::new(),
@@ -283,7 +282,6 @@ struct ClientWalk<'a, 'm> {
     stand_ins: &'a StandIns<'a>,
     /// The classifier's weight and bias, whose deltas are compared.
     names: [&'a str; 2],
-    client: &'a ClientSteps,
     plan: &'a ClientPlan,
     /// The multiset chosen so far for each group.
     chosen: Vec<Option<usize>>,
@@ -295,10 +293,10 @@ impl ClientWalk<'_, '_> {
     /// Simulates the client's steps from `step` on, from `state`, under every choice of the groups
     /// not chosen yet.
     fn descend(&mut self, step: usize, state: &SimulatedSgd) -> Result<()> {
-        let Some(range) = self.client.steps.get(step) else {
+        let Some(&group) = self.plan.step_groups.get(step) else {
             return self.record(state);
         };
-        let group = self.plan.step_groups[step];
+        let range = &self.plan.groups[group];
         let choices = match self.chosen[group] {
             Some(choice) => choice..choice + 1,
             None => 0..self.plan.multisets[group].len(),
@@ -322,13 +320,7 @@ impl ClientWalk<'_, '_> {
     fn record(&mut self, state: &SimulatedSgd) -> Result<()> {
         let mut change = Vec::new();
         for name in self.names {
-            let tensor = self.matcher.simulated_change(state, name)?.ok_or_else(|| {
-                AttackError::Observation {
-                    name: name.to_string(),
-                    reason: "the update does not observe the classifier".to_string(),
-                }
-            })?;
-            change.extend(tensor_to_f64(&tensor)?);
+            change.extend(tensor_to_f64(&self.matcher.simulated_change(state, name)?)?);
         }
         if change.iter().all(|v| v.is_finite()) {
             let choice = self.chosen.iter().map(|c| c.unwrap_or(0)).collect();
