@@ -34,7 +34,8 @@
 //! blocker: with the private labels in their steps (a scratch probe, the same defaults) the run
 //! reached 19.59 dB at objective 1.5e-6 (2026-12-05); [`crate::place_labels_by_unrolling`] now
 //! finds those labels (16 of 16 on that client), by unrolling the steps' drift, and `fedleak
-//! attack` with them reached 19.24 dB / SSIM 0.304 at objective 1.4e-6. Twice the iterations
+//! attack` with them reached 19.24 dB / SSIM 0.304 at objective 1.4e-6 (clients 1 - 3 of the
+//! capture: 17.69, 19.58 and 20.17 dB, labels 16 of 16 each). Twice the iterations
 //! (`--iterations 6000`, the same run otherwise) do not help: 19.21 dB / SSIM 0.300 at 1.40e-6
 //! (2026-12-05, 67 min of attack on shared cores): the run has settled by 3000.
 //!
