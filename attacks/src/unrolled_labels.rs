@@ -297,11 +297,11 @@ impl ClientWalk<'_, '_> {
             return self.record(state);
         };
         let range = &self.plan.groups[group];
-        let choices = match self.chosen[group] {
+        let fixed = self.chosen[group];
+        let choices = match fixed {
             Some(choice) => choice..choice + 1,
             None => 0..self.plan.multisets[group].len(),
         };
-        let already_chosen = self.chosen[group].is_some();
         for choice in choices {
             self.chosen[group] = Some(choice);
             let labels = &self.plan.multisets[group][choice];
@@ -309,9 +309,7 @@ impl ClientWalk<'_, '_> {
             let next = self.matcher.simulated_sgd_step(state, &images, labels)?;
             self.descend(step + 1, &next)?;
         }
-        if !already_chosen {
-            self.chosen[group] = None;
-        }
+        self.chosen[group] = fixed;
         Ok(())
     }
 
@@ -365,7 +363,7 @@ fn closest_combination(
     let residual_norms = squared_norms(&residuals);
     let right_norms = squared_norms(&right_sums);
     let device = Device::Cpu;
-    let right = Tensor::from_vec(right_sums.clone(), (right_picks.len(), width), &device)?;
+    let right = Tensor::from_slice(&right_sums, (right_picks.len(), width), &device)?;
     let mut best: Option<(f64, usize, usize)> = None;
     for (chunk, rows) in residuals.chunks(PAIR_CHUNK * width).enumerate() {
         let count = rows.len() / width;
