@@ -17,15 +17,21 @@
 //! on noise differ more from those on real images. This module never sees the private labels.
 //!
 //! An attacker who holds labelled images of the clients' distribution (never the private ones:
-//! [`ReferenceImages`]) estimates better, as LLG+ does: the mean softmax of the model on the reference
-//! images of each class `k`, `M[k]`, stands in for that of the batch's class-`k` images, so the bias
-//! gradient is `B db = sum_k n_k (M[k] - e_k)`; with `sum_k n_k = B` this is a linear system in the
-//! counts, solved directly. Figures in [`count_labels`].
+//! [`ReferenceImages`]) estimates better, in the spirit of LLG+ but conditioned on what the model
+//! predicts rather than on the label: an image the model predicts as class `k` and that carries label
+//! `c` adds `P_k - e_c` to `B db` and about `Q_k - e_c F_k^T` to `B dW`, with `P_k`, `F_k` and `Q_k` the
+//! mean softmax, classifier input and their outer product over the reference images predicted `k`.
+//! A trained model maps each class's images to nearly one feature and a misclassified image to the
+//! feature of the class it is mistaken for, so the weight gradient tells apart what the bias gradient
+//! sums: one confidently misclassified image outweighs a hundred well-fitted ones there. The counts of
+//! every (prediction, label) cell are non-negative integers summing to `B` that explain both
+//! gradients best. Figures in [`count_labels`].
 
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
 use candle_core::{Tensor, Var};
+use nalgebra::{DMatrix, DVector};
 use rand::{rngs::StdRng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -119,30 +125,36 @@ pub fn round_label_counts(estimates: &[f64], total: usize) -> Result<Vec<usize>>
 /// `-delta / (lr * sum_s c_s)`; for an aggregate whose clients took different numbers of steps,
 /// each client's steps weighted by its share ([`crate::UpdateView::gradient_weight`]). Not
 /// applicable to adaptive-optimizer deltas (their per-entry rescaling loses the magnitudes),
-/// features or ciphertext. The objective is
-/// `sum_c |raw_c - n_c| / B`, how far the raw estimates were from the integer counts returned.
+/// features or ciphertext. The objective is, from noise dummies, `sum_c |raw_c - n_c| / B`, how far
+/// the raw estimates were from the integer counts returned; with reference images, the relative
+/// residual of the gradients the counts explain.
 ///
-/// With `reference` images the batch's mean softmax is estimated class by class from them (see the
-/// module documentation) instead of from uniform-noise dummies. It is not reliably better. Measured
-/// 2026-12-02 on the IHC tiles (`fedleak train --model vit-tiny-32 --clients 4 --rounds 200
-/// --algorithm fedavg --optimizer sgd --lr 0.03 --momentum 0 --weight-decay 0 --local-steps 1
-/// --batch-size 8`, then `fedleak attack --attack idlg [--label-reference fixture:ihc-tiles-32]` on
-/// each client's batch of 8 and each aggregate of 32), noise dummies against reference, client /
-/// aggregate labels: round 1, 100 % / 100 % both; round 100 (test accuracy 0.34, a model swinging
-/// between classes) 100 % / 97 % against 88 % / 91 %; rounds 191-200 (test accuracy 1.0, train loss
-/// 1.0e-3) 72 % / 72 % against 64 % / 64 %. An earlier run of the same command (2026-11-29, captures
-/// gone) had found the reverse order after 191-200 rounds. The reference cannot correct for a model
-/// that has memorised its own training images, whose errors are smaller than on held-out ones: the
-/// bias gradient fixes only the counts scaled by that unknown shrinkage. Reading the shrinkage off the
-/// classifier-weight gradient as well (its least-squares split over per-class error-weighted reference
-/// features, then counts in proportion) did worse at rounds 191-200: 57 % / 57 %.
+/// With `reference` images the counts come from both the classifier's bias and weight gradients,
+/// read through the reference images grouped by the model's prediction (see the module
+/// documentation). Measured 2026-12-05 on the IHC tiles (`vit-tiny-32`, 4 clients, FedSGD batches of
+/// 8 and their aggregates of 32; scratch comparison on the same captures; labels right as a
+/// multiset, over the four clients' 32 and over the aggregate's 32), against the earlier
+/// class-by-class bias estimate (LLG+: the reference mean softmax of class `k` for the batch's
+/// class-`k` images) and noise dummies: a fresh model 32 and 32 by all three; a model trained by
+/// FedAvg with AdamW for 195 rounds (`fedleak train --model vit-tiny-32 --clients 4 --rounds 200
+/// --batch-size 8 --lr 0.03`, train loss 0.16, held-out images fitted as well as its own, two of the
+/// 32 images confidently misclassified), then one FedSGD round from it: **32 and 32 where LLG+
+/// counted 23 and 9** (noise 30 and 30); a model trained by FedSGD (`--algorithm fedsgd`, the same
+/// otherwise; train loss 0.005, its own images fitted far better than held-out ones), round 195: 27
+/// and 27 (LLG+ 27 and 27, noise 17 and 17), round 200: 25 and 32 (LLG+ 25 and 31, noise 11 and 11).
+/// Where a model has memorised its images, their errors are smaller than the reference's by a
+/// factor the gradient does not fix, and no estimate from the classifier's gradients alone
+/// recovers the counts; the bias block weighs `sqrt(D)` times each weight entry (every scale from
+/// 10 to 100 gave the same labels but one at 10).
+///
 /// [`crate::recover_batch_labels`] first separates the images it can, each exactly, and uses these
 /// counts only for the rest.
 ///
 /// # Errors
-/// [`AttackError::Observation`] when the update lacks the classifier bias or the global parameters lack
-/// it, or `reference` holds no image of some class; [`AttackError::Numerical`] when no estimate is
-/// positive or the reference system is singular; candle errors of the dummy pass.
+/// [`AttackError::Observation`] when the update lacks the classifier bias (or, with `reference`, its
+/// weight) or the global parameters lack them, or `reference` holds no image or not one label per
+/// image; [`AttackError::Numerical`] when no noise estimate is positive; candle errors of the model's
+/// passes.
 pub fn count_labels(
     observation: &Observation,
     model: &dyn TargetModel,
@@ -189,11 +201,15 @@ pub fn count_labels(
             )
         }
     };
+    // The update's tensor `name`, read as a gradient.
+    let gradient = |name: &str| -> Result<Vec<f64>> {
+        Ok(tensor_to_f64(observed_tensor(update, name)?)?
+            .into_iter()
+            .map(|v| v * scale)
+            .collect())
+    };
     let bias_name = model.classifier().bias;
-    let db: Vec<f64> = tensor_to_f64(observed_tensor(update, &bias_name)?)?
-        .into_iter()
-        .map(|v| v * scale)
-        .collect();
+    let db = gradient(&bias_name)?;
     if db.len() != model.num_classes() {
         return Err(AttackError::Observation {
             name: bias_name,
@@ -205,30 +221,52 @@ pub fn count_labels(
         });
     }
     let total = images as f64;
-    let raw: Vec<f64> = match reference {
+    let (counts, objective) = match reference {
         None => {
-            let noise = ImageSource::Noise {
-                count: config.dummy_images.get(),
-                seed: config.seed,
-            };
-            mean_probabilities(model, &bias_name, noise)?
+            let noise = mean_noise_probabilities(
+                model,
+                &bias_name,
+                config.dummy_images.get(),
+                config.seed,
+            )?;
+            let raw: Vec<f64> = noise
                 .iter()
                 .zip(&db)
                 .map(|(p, g)| total * (p - g))
-                .collect()
+                .collect();
+            let counts = round_label_counts(&raw, images)?;
+            let objective = raw
+                .iter()
+                .zip(&counts)
+                .map(|(r, &n)| (r - n as f64).abs())
+                .sum::<f64>()
+                / total;
+            (counts, objective)
         }
         Some(reference) => {
-            let per_class = class_mean_probabilities(model, &bias_name, reference)?;
-            solve_counts(&per_class, &db, total)?
+            let Some(groups) = predicted_class_means(model, reference)? else {
+                return not_applicable(
+                    "the model does not expose the classifier's features, which reference \
+                     images are read through"
+                        .to_string(),
+                );
+            };
+            let weight_name = model.classifier().weight;
+            let dw = gradient(&weight_name)?;
+            let width = groups[0].features.len();
+            if dw.len() != db.len() * width {
+                return Err(AttackError::Observation {
+                    name: weight_name,
+                    reason: format!(
+                        "the update has {} entries, the model {} classes x {width} features",
+                        dw.len(),
+                        db.len()
+                    ),
+                });
+            }
+            prediction_conditional_counts(&groups, &db, &dw, images)
         }
     };
-    let counts = round_label_counts(&raw, images)?;
-    let objective = raw
-        .iter()
-        .zip(&counts)
-        .map(|(r, &n)| (r - n as f64).abs())
-        .sum::<f64>()
-        / total;
     let labels = counts
         .iter()
         .enumerate()
@@ -242,20 +280,14 @@ pub fn count_labels(
     }))
 }
 
-/// Where [`mean_probabilities`] takes its images from.
-enum ImageSource<'a> {
-    /// `count` seeded uniform-random images in [0, 1].
-    Noise { count: usize, seed: u64 },
-    /// Given images (N x C x H x W).
-    Given(&'a Tensor),
-}
-
-/// The global model's mean softmax over the images of `source`, read as the bias gradient of the
-/// model's loss with every image labelled class 0 (`mean p - e_0`), in chunks of [`DUMMY_CHUNK`].
-fn mean_probabilities(
+/// The global model's mean softmax over `count` seeded uniform-random images in [0, 1], read as the
+/// bias gradient of the model's loss with every image labelled class 0 (`mean p - e_0`), in chunks
+/// of [`DUMMY_CHUNK`].
+fn mean_noise_probabilities(
     model: &dyn TargetModel,
     bias_name: &str,
-    source: ImageSource<'_>,
+    count: usize,
+    seed: u64,
 ) -> Result<Vec<f64>> {
     let mut params = model.parameters().clone();
     let bias = params
@@ -268,18 +300,12 @@ fn mean_probabilities(
     let var = Var::from_tensor(&bias.detach())?;
     params.insert(bias_name.to_string(), var.as_tensor().clone());
     let classes = model.num_classes();
-    let (total, mut rng) = match source {
-        ImageSource::Noise { count, seed } => (count, StdRng::seed_from_u64(seed)),
-        ImageSource::Given(images) => (images.dim(0)?, StdRng::seed_from_u64(0)),
-    };
+    let (total, mut rng) = (count, StdRng::seed_from_u64(seed));
     let mut sum = vec![0f64; classes];
     let mut done = 0;
     while done < total {
         let n = DUMMY_CHUNK.min(total - done);
-        let images = match &source {
-            ImageSource::Noise { .. } => random_images(model, n, &mut rng)?,
-            ImageSource::Given(images) => images.narrow(0, done, n)?.to_dtype(dtype)?,
-        };
+        let images = random_images(model, n, &mut rng)?;
         let mut targets = vec![0f32; n * classes];
         targets.iter_mut().step_by(classes).for_each(|t| *t = 1.0);
         let targets = Tensor::from_vec(targets, (n, classes), &device)?.to_dtype(dtype)?;
@@ -303,88 +329,255 @@ fn mean_probabilities(
     Ok(mean_p)
 }
 
-/// The model's mean softmax over the reference images of each class (`M[k]`, one row per class).
-fn class_mean_probabilities(
+/// What the reference images tell of a batch image that the model predicts as `class`: the mean
+/// over the reference images it predicts as that class of their softmax `p` (`P_k`), of their
+/// classifier input `f` (`F_k`) and of `p f^T` (`Q_k`, classes x features, row-major).
+struct PredictedClass {
+    /// `P_k`.
+    probabilities: Vec<f64>,
+    /// `F_k`.
+    features: Vec<f64>,
+    /// `Q_k`.
+    outer: Vec<f64>,
+}
+
+/// The reference images grouped by the class the global model predicts for them ([`PredictedClass`],
+/// classes no reference image is predicted as left out); `None` when the model does not expose the
+/// classifier's features.
+fn predicted_class_means(
     model: &dyn TargetModel,
-    bias_name: &str,
     reference: &ReferenceImages,
-) -> Result<Vec<Vec<f64>>> {
-    if reference.images.dim(0)? != reference.labels.len() {
+) -> Result<Option<Vec<PredictedClass>>> {
+    let count = reference.images.dim(0)?;
+    if count == 0 || count != reference.labels.len() {
         return Err(AttackError::Observation {
             name: "reference images".to_string(),
             reason: format!(
-                "{} images but {} labels",
-                reference.images.dim(0)?,
+                "{count} images but {} labels: give at least one labelled image",
                 reference.labels.len()
             ),
         });
     }
-    (0..model.num_classes())
-        .map(|class| {
-            let members: Vec<u32> = (0..reference.labels.len() as u32)
-                .filter(|&i| reference.labels[i as usize] as usize == class)
-                .collect();
-            if members.is_empty() {
-                return Err(AttackError::Observation {
-                    name: "reference images".to_string(),
-                    reason: format!(
-                        "no image of class {class}: every class needs at least one reference image"
-                    ),
-                });
-            }
-            let index = Tensor::new(members.as_slice(), reference.images.device())?;
-            let images = reference.images.index_select(&index, 0)?;
-            mean_probabilities(model, bias_name, ImageSource::Given(&images))
+    let params = model.parameters();
+    let layout = model.classifier();
+    let [weight, bias] = [&layout.weight, &layout.bias].map(|name| {
+        params.get(name).ok_or_else(|| AttackError::Observation {
+            name: name.clone(),
+            reason: "absent from the model's global parameters".to_string(),
         })
-        .collect()
+    });
+    let (weight, bias) = (weight?, bias?);
+    let classes = model.num_classes();
+    let mut groups: Vec<Option<PredictedClass>> = (0..classes).map(|_| None).collect();
+    let mut members = vec![0usize; classes];
+    let mut done = 0;
+    while done < count {
+        let n = DUMMY_CHUNK.min(count - done);
+        let images = reference
+            .images
+            .narrow(0, done, n)?
+            .to_dtype(weight.dtype())?;
+        let Some(features) = model.features(params, &images)? else {
+            return Ok(None);
+        };
+        let features = features.detach();
+        let logits = features.matmul(&weight.t()?)?.broadcast_add(bias)?;
+        let (features, logits) = (tensor_to_f64(&features)?, tensor_to_f64(&logits)?);
+        let width = features.len() / n;
+        for (f, z) in features.chunks(width).zip(logits.chunks(classes)) {
+            let top = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let exp: Vec<f64> = z.iter().map(|v| (v - top).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            let p: Vec<f64> = exp.iter().map(|e| e / sum).collect();
+            let predicted = (0..classes)
+                .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
+                .unwrap_or(0);
+            members[predicted] += 1;
+            let group = groups[predicted].get_or_insert_with(|| PredictedClass {
+                probabilities: vec![0.0; classes],
+                features: vec![0.0; width],
+                outer: vec![0.0; classes * width],
+            });
+            group
+                .probabilities
+                .iter_mut()
+                .zip(&p)
+                .for_each(|(s, v)| *s += v);
+            group.features.iter_mut().zip(f).for_each(|(s, v)| *s += v);
+            for (row, pc) in group.outer.chunks_mut(width).zip(&p) {
+                row.iter_mut().zip(f).for_each(|(s, v)| *s += pc * v);
+            }
+        }
+        done += n;
+    }
+    Ok(Some(
+        groups
+            .into_iter()
+            .zip(members)
+            .filter_map(|(group, n)| {
+                let mut group = group?;
+                let n = n as f64;
+                for v in group
+                    .probabilities
+                    .iter_mut()
+                    .chain(group.features.iter_mut())
+                    .chain(group.outer.iter_mut())
+                {
+                    *v /= n;
+                }
+                Some(group)
+            })
+            .collect(),
+    ))
 }
 
-/// The real counts `n` that solve `sum_k n_k (M[k][c] - [k == c]) = B db_c` for every class `c` and
-/// `sum_k n_k = B`. The class equations sum to zero (rows of `M` and `db` sum to 0 and 1), so the last
-/// one is replaced by the total; Gaussian elimination with partial pivoting.
-fn solve_counts(per_class: &[Vec<f64>], db: &[f64], total: f64) -> Result<Vec<f64>> {
+/// The class counts of the `total` images behind a classifier gradient (`db`, `dw` row-major, the
+/// batch means) that reference images grouped by prediction (`groups`) explain best, and the
+/// relative residual of that explanation.
+///
+/// An image the model predicts as class `k` and that is labelled `c` adds `P_k - e_c` to `total db`
+/// and about `Q_k - e_c F_k^T` to `total dw`, as the reference images predicted `k` do on average. A
+/// trained model maps the images of a class to nearly one feature (and a misclassified image to the
+/// feature of the class it is mistaken for), so the weight gradient tells the cells apart where the
+/// bias gradient alone sums them: the cell counts `h_kc` (non-negative integers summing to `total`)
+/// minimise the squared distance to the observed gradient, the bias block weighted by the square
+/// root of the features' width so that both blocks count alike. They are searched exhaustively
+/// while there are at most [`MAX_ENUMERATED_CELL_COUNTS`] candidates, otherwise by single-image
+/// moves between cells from the best single cell. The class counts are `sum_k h_kc`.
+fn prediction_conditional_counts(
+    groups: &[PredictedClass],
+    db: &[f64],
+    dw: &[f64],
+    total: usize,
+) -> (Vec<usize>, f64) {
     let classes = db.len();
-    let mut rows: Vec<Vec<f64>> = (0..classes)
-        .map(|c| {
-            let mut row: Vec<f64> = (0..classes)
-                .map(|k| per_class[k][c] - f64::from(u8::from(k == c)))
-                .collect();
-            row.push(total * db[c]);
-            row
+    let bias_weight = (groups[0].features.len() as f64).sqrt();
+    let images = total as f64;
+    let observed: Vec<f64> = db
+        .iter()
+        .map(|g| g * images * bias_weight)
+        .chain(dw.iter().map(|g| g * images))
+        .collect();
+    let cells: Vec<(usize, Vec<f64>)> = groups
+        .iter()
+        .flat_map(|group| (0..classes).map(move |label| (group, label)))
+        .map(|(group, label)| {
+            let is_label = |c: usize| f64::from(u8::from(c == label));
+            let bias = (0..classes).map(|c| bias_weight * (group.probabilities[c] - is_label(c)));
+            let width = group.features.len();
+            let weight = group.outer.iter().enumerate().map(|(i, q)| {
+                let (c, d) = (i / width, i % width);
+                q - is_label(c) * group.features[d]
+            });
+            (label, bias.chain(weight).collect())
         })
         .collect();
-    if let Some(last) = rows.last_mut() {
-        *last = vec![1.0; classes];
-        last.push(total);
+    let n = cells.len();
+    let gram = DMatrix::from_fn(n, n, |a, b| dot(&cells[a].1, &cells[b].1));
+    let linear = DVector::from_fn(n, |a, _| dot(&cells[a].1, &observed));
+    let cell_counts = best_cell_counts(&gram, &linear, total);
+    let mut counts = vec![0usize; classes];
+    for ((label, _), &h) in cells.iter().zip(&cell_counts) {
+        counts[*label] += h;
     }
-    for column in 0..classes {
-        let pivot = (column..classes)
-            .max_by(|&a, &b| rows[a][column].abs().total_cmp(&rows[b][column].abs()))
-            .expect("a column below the diagonal");
-        let magnitude = rows[pivot][column].abs();
-        if magnitude.is_nan() || magnitude <= 1e-12 {
-            return Err(AttackError::Numerical {
-                attack: ATTACK,
-                reason: "the reference images' class-mean outputs are linearly dependent: the \
-                         counts are not determined"
-                    .to_string(),
-            });
+    let h = DVector::from_iterator(n, cell_counts.iter().map(|&v| v as f64));
+    let energy = dot(&observed, &observed);
+    let residual = (h.dot(&(&gram * &h)) - 2.0 * h.dot(&linear) + energy).max(0.0);
+    (counts, (residual / energy.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+/// Candidates (cell counts) [`prediction_conditional_counts`] tries one by one; beyond, it moves
+/// single images between cells.
+const MAX_ENUMERATED_CELL_COUNTS: f64 = 1_048_576.0;
+
+/// The non-negative integers `h` summing to `total` that minimise `h^T gram h - 2 linear^T h`: all
+/// candidates tried while there are at most [`MAX_ENUMERATED_CELL_COUNTS`], otherwise
+/// [`move_images_between_cells`].
+fn best_cell_counts(gram: &DMatrix<f64>, linear: &DVector<f64>, total: usize) -> Vec<usize> {
+    let cells = linear.len();
+    // C(total + cells - 1, cells - 1) candidates.
+    let candidates = (1..cells).fold(1.0, |acc, i| acc * (total + i) as f64 / i as f64);
+    if candidates > MAX_ENUMERATED_CELL_COUNTS {
+        return move_images_between_cells(gram, linear, total);
+    }
+    let mut best = (f64::INFINITY, vec![0; cells]);
+    enumerate_cell_counts(&mut vec![0; cells], 0, total, &mut |h| {
+        let value = quadratic_value(gram, linear, h);
+        if value < best.0 {
+            best = (value, h.to_vec());
         }
-        rows.swap(column, pivot);
-        let head = rows[column].clone();
-        for row in rows.iter_mut().skip(column + 1) {
-            let factor = row[column] / head[column];
-            row.iter_mut()
-                .zip(&head)
-                .for_each(|(r, h)| *r -= factor * h);
+    });
+    best.1
+}
+
+/// `h^T gram h - 2 linear^T h`.
+fn quadratic_value(gram: &DMatrix<f64>, linear: &DVector<f64>, h: &[usize]) -> f64 {
+    let h = DVector::from_iterator(h.len(), h.iter().map(|&v| v as f64));
+    h.dot(&(gram * &h)) - 2.0 * h.dot(linear)
+}
+
+/// The local minimum of [`best_cell_counts`]' objective that moving one image at a time, the best
+/// move first, reaches from the best single cell holding all `total`.
+fn move_images_between_cells(
+    gram: &DMatrix<f64>,
+    linear: &DVector<f64>,
+    total: usize,
+) -> Vec<usize> {
+    let cells = linear.len();
+    let t = total as f64;
+    let single = |c: usize| t * t * gram[(c, c)] - 2.0 * t * linear[c];
+    let start = (0..cells)
+        .min_by(|&a, &b| single(a).total_cmp(&single(b)))
+        .unwrap_or(0);
+    let mut h = vec![0; cells];
+    h[start] = total;
+    let mut product = gram.column(start) * t;
+    loop {
+        // Moving one image from cell `a` to cell `b` changes the value by
+        // G_aa + G_bb - 2 G_ab + 2 (G h)_b - 2 (G h)_a - 2 (l_b - l_a).
+        let mut best = (0.0, 0, 0);
+        for a in (0..cells).filter(|&a| h[a] > 0) {
+            for b in (0..cells).filter(|&b| b != a) {
+                let change = gram[(a, a)] + gram[(b, b)] - 2.0 * gram[(a, b)]
+                    + 2.0 * (product[b] - product[a])
+                    - 2.0 * (linear[b] - linear[a]);
+                if change < best.0 {
+                    best = (change, a, b);
+                }
+            }
         }
+        let (change, from, to) = best;
+        if change >= -1e-12 * quadratic_value(gram, linear, &h).abs().max(1.0) {
+            return h;
+        }
+        h[from] -= 1;
+        h[to] += 1;
+        product += gram.column(to) - gram.column(from);
     }
-    let mut counts = vec![0f64; classes];
-    for c in (0..classes).rev() {
-        let known: f64 = (c + 1..classes).map(|k| rows[c][k] * counts[k]).sum();
-        counts[c] = (rows[c][classes] - known) / rows[c][c];
+}
+
+/// Calls `visit` with every way of putting `left` images into the cells from `cell` on (the earlier
+/// cells as `counts` holds them).
+fn enumerate_cell_counts(
+    counts: &mut [usize],
+    cell: usize,
+    left: usize,
+    visit: &mut dyn FnMut(&[usize]),
+) {
+    if cell + 1 == counts.len() {
+        counts[cell] = left;
+        visit(counts);
+        return;
     }
-    Ok(counts)
+    for here in 0..=left {
+        counts[cell] = here;
+        enumerate_cell_counts(counts, cell + 1, left - here, visit);
+    }
+}
+
+/// The dot product of two equally long slices.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 #[cfg(test)]
@@ -413,48 +606,79 @@ mod tests {
         assert!(round_label_counts(&[-1.0, 0.0], 2).is_err());
     }
 
-    /// The bias gradient a batch with `counts` would give if its images' mean outputs per class were
-    /// exactly `per_class`.
-    fn bias_gradient(per_class: &[Vec<f64>], counts: &[f64]) -> Vec<f64> {
-        let total: f64 = counts.iter().sum();
-        (0..counts.len())
-            .map(|c| {
-                (0..counts.len())
-                    .map(|k| counts[k] * (per_class[k][c] - f64::from(u8::from(k == c))))
-                    .sum::<f64>()
-                    / total
-            })
-            .collect()
+    /// The Gram matrix and linear term of cells `vectors` against the observation `vectors h`.
+    fn planted(vectors: &[Vec<f64>], h: &[usize]) -> (DMatrix<f64>, DVector<f64>) {
+        let n = vectors.len();
+        let observed: Vec<f64> = (0..vectors[0].len())
+            .map(|r| (0..n).map(|c| h[c] as f64 * vectors[c][r]).sum())
+            .collect();
+        (
+            DMatrix::from_fn(n, n, |a, b| dot(&vectors[a], &vectors[b])),
+            DVector::from_fn(n, |a, _| dot(&vectors[a], &observed)),
+        )
     }
 
     #[test]
-    fn the_reference_system_returns_the_counts_that_produced_the_bias_gradient() {
-        for (per_class, counts) in [
-            (vec![vec![0.9, 0.1], vec![0.2, 0.8]], vec![3.0, 5.0]),
-            (vec![vec![0.99, 0.01], vec![0.02, 0.98]], vec![8.0, 0.0]),
-            (
-                vec![
-                    vec![0.7, 0.2, 0.1],
-                    vec![0.1, 0.6, 0.3],
-                    vec![0.25, 0.25, 0.5],
-                ],
-                vec![1.0, 4.0, 11.0],
-            ),
-        ] {
-            let db = bias_gradient(&per_class, &counts);
-            let total = counts.iter().sum();
-            let solved = solve_counts(&per_class, &db, total).unwrap();
-            for (s, c) in solved.iter().zip(&counts) {
-                assert!((s - c).abs() < 1e-9, "{solved:?} vs {counts:?}");
+    fn planted_cell_counts_are_found_by_enumeration_and_by_moving_images() {
+        use rand::Rng;
+        let mut rng = StdRng::seed_from_u64(7);
+        for (cells, total) in [(4, 8), (6, 5), (9, 12)] {
+            for _ in 0..5 {
+                let vectors: Vec<Vec<f64>> = (0..cells)
+                    .map(|_| (0..24).map(|_| rng.random_range(-1.0..1.0)).collect())
+                    .collect();
+                let mut h = vec![0; cells];
+                for _ in 0..total {
+                    h[rng.random_range(0..cells)] += 1;
+                }
+                let (gram, linear) = planted(&vectors, &h);
+                assert_eq!(best_cell_counts(&gram, &linear, total), h);
+                assert_eq!(move_images_between_cells(&gram, &linear, total), h);
             }
         }
     }
 
     #[test]
-    fn a_model_certain_of_every_reference_class_leaves_the_counts_undetermined() {
-        // Outputs exactly one-hot on the reference: the bias gradient is zero whatever the counts.
-        let per_class = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
-        let err = solve_counts(&per_class, &[0.0, 0.0], 8.0).unwrap_err();
-        assert!(err.to_string().contains("not determined"), "{err}");
+    fn a_misclassified_image_is_counted_in_the_class_it_carries() {
+        // Two classes; the model maps every image to its predicted class's feature. The batch: two
+        // images of class 0 and five of class 1 predicted right, one of class 1 predicted as 0
+        // (the bias gradient alone sees one large error where a well-fitted batch has many small
+        // ones).
+        let features = [vec![1.0, -0.5, 0.3, 0.8], vec![-0.7, 0.9, 0.4, -0.2]];
+        let probabilities = [vec![0.99, 0.01], vec![0.02, 0.98]];
+        let groups: Vec<PredictedClass> = (0..2)
+            .map(|k| PredictedClass {
+                probabilities: probabilities[k].clone(),
+                features: features[k].clone(),
+                outer: probabilities[k]
+                    .iter()
+                    .flat_map(|p| features[k].iter().map(move |f| p * f))
+                    .collect(),
+            })
+            .collect();
+        let batch = [
+            (0, 0),
+            (0, 0),
+            (0, 1),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+        ];
+        let (mut db, mut dw) = (vec![0.0; 2], vec![0.0; 8]);
+        for &(k, label) in &batch {
+            for c in 0..2 {
+                let error = probabilities[k][c] - f64::from(u8::from(c == label));
+                db[c] += error / 8.0;
+                for (d, f) in features[k].iter().enumerate() {
+                    dw[c * 4 + d] += error * f / 8.0;
+                }
+            }
+        }
+        let (counts, residual) = prediction_conditional_counts(&groups, &db, &dw, 8);
+        assert_eq!(counts, vec![2, 6]);
+        // Exact up to the cancellation in the expanded square (|r|^2 from three terms of size 1).
+        assert!(residual < 1e-6, "{residual}");
     }
 }
