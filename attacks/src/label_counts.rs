@@ -329,9 +329,10 @@ fn mean_noise_probabilities(
     Ok(mean_p)
 }
 
-/// What the reference images tell of a batch image that the model predicts as `class`: the mean
-/// over the reference images it predicts as that class of their softmax `p` (`P_k`), of their
-/// classifier input `f` (`F_k`) and of `p f^T` (`Q_k`, classes x features, row-major).
+/// What the reference images tell of a batch image that the model predicts as class `k`: the mean
+/// over the reference images it predicts as `k` of their softmax `p` (`P_k`), of their classifier
+/// input `f` (`F_k`) and of `p f^T` (`Q_k`, classes x features, row-major). The reference images'
+/// own labels are not used: what matters is how the model sees them.
 struct PredictedClass {
     /// `P_k`.
     probabilities: Vec<f64>,
