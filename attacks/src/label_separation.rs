@@ -1,7 +1,7 @@
 //! Per-image labels of a batch, separated from the gradients of the last transformer block's MLP,
 //! for the case where the counts of [`crate::count_labels`] fail: a trained model that fits its
 //! training images, whose bias gradient no longer says how many images of each class the batch held.
-//! The idea is that of the instance-wise label attacks (Ma et al., "Instance-wise Batch Label
+//! The idea is that of the instance-wise label attacks (Ma et al., "Instance-wise RowSpaces Label
 //! Restoration via Gradients in Federated Learning", ICLR 2023) and of SPEAR's decomposition of a
 //! layer's gradient into per-sample terms (Dimitrov et al., "SPEAR: Exact Gradient Inversion of
 //! Batches in Federated Learning", NeurIPS 2024), here for a ViT's classifier block.
@@ -546,13 +546,13 @@ impl BlockValues {
             }
         }
         if found.len() + 1 == images {
-            let batch = Batch {
+            let spaces = RowSpaces {
                 tokens: &tokens,
                 reduced: &reduced,
                 activations: &activations,
                 problem: &problem,
             };
-            found.extend(self.last_image(&batch, &found, &mut rng));
+            found.extend(self.last_image(&spaces, &found, &mut rng));
         }
         found.sort_by(|a, b| a.1.total_cmp(&b.1));
         // Two points whose activations are (numerically) dependent are one image found twice, or
@@ -621,15 +621,15 @@ impl BlockValues {
     /// the hidden layer's gradient best, if that is within [`CONSISTENT_BATCH`].
     fn last_image(
         &self,
-        batch: &Batch<'_>,
+        spaces: &RowSpaces<'_>,
         found: &[(DVector<f64>, f64)],
         rng: &mut StdRng,
     ) -> Option<(DVector<f64>, f64)> {
         let images = found.len() + 1;
-        let unfound = batch.unfound_activations(found)?;
+        let unfound = spaces.unfound_activations(found)?;
         let deflated = Membership {
             unfound: Some(&unfound),
-            ..*batch.problem
+            ..*spaces.problem
         };
         let mut best: Option<(f64, (DVector<f64>, f64))> = None;
         for _ in 0..DEFLATED_STARTS {
@@ -637,13 +637,17 @@ impl BlockValues {
                 continue;
             };
             let (point, _) = deflated.solve(start);
-            let residual = batch.problem.residual_and_jacobian(&point).0.norm_squared();
+            let residual = spaces
+                .problem
+                .residual_and_jacobian(&point)
+                .0
+                .norm_squared();
             if residual.is_nan() || residual > ACCEPTED_RESIDUAL || is_known(&point, found) {
                 continue;
             }
             let mut points: Vec<&DVector<f64>> = found.iter().map(|(c, _)| c).collect();
             points.push(&point);
-            let Some(consistency) = self.hidden_consistency(batch, &points) else {
+            let Some(consistency) = self.hidden_consistency(spaces, &points) else {
                 continue;
             };
             if consistency <= CONSISTENT_BATCH
@@ -659,20 +663,20 @@ impl BlockValues {
     /// `|dW1 - sum_i delta_i m_i^T| / |dW1|`, with each image's gradient at the block's output
     /// from `dW2` and `delta_i` its back-propagation to the hidden pre-activation; `None` when the
     /// images' activations are dependent.
-    fn hidden_consistency(&self, batch: &Batch<'_>, points: &[&DVector<f64>]) -> Option<f64> {
-        let columns: Vec<DVector<f64>> =
-            points.iter().map(|c| batch.problem.activation(c)).collect();
+    fn hidden_consistency(&self, spaces: &RowSpaces<'_>, points: &[&DVector<f64>]) -> Option<f64> {
+        let columns: Vec<DVector<f64>> = points
+            .iter()
+            .map(|c| spaces.problem.activation(c))
+            .collect();
         let stacked = DMatrix::from_columns(&columns);
         let inverse = (stacked.transpose() * &stacked).try_inverse()?;
         let outputs = &self.output_gradient * &stacked * inverse;
         let mut explained = DMatrix::<f64>::zeros(self.hidden, self.width);
         for (index, c) in points.iter().enumerate() {
-            let pre = batch.reduced * *c + &self.hidden_bias;
+            let pre = spaces.reduced * *c + &self.hidden_bias;
             let back = self.output.0.transpose() * outputs.column(index);
-            let delta = DVector::from_fn(self.hidden, |r, _| {
-                (normal_cdf(pre[r]) + pre[r] * normal_density(pre[r])) * back[r]
-            });
-            explained += delta * (batch.tokens.transpose() * *c).transpose();
+            let delta = DVector::from_fn(self.hidden, |r, _| gelu_slope(pre[r]) * back[r]);
+            explained += delta * (spaces.tokens.transpose() * *c).transpose();
         }
         Some((&self.hidden_gradient - explained).norm() / self.hidden_gradient.norm())
     }
@@ -756,7 +760,7 @@ fn leading_row_space(matrix: &DMatrix<f64>, count: usize) -> Result<DMatrix<f64>
 }
 
 /// The row spaces a separation works in, and its membership problem.
-struct Batch<'a> {
+struct RowSpaces<'a> {
     /// Orthonormal rows spanning the tokens (B x D).
     tokens: &'a DMatrix<f64>,
     /// `W1 U` (M x B).
@@ -767,7 +771,7 @@ struct Batch<'a> {
     problem: &'a Membership<'a>,
 }
 
-impl Batch<'_> {
+impl RowSpaces<'_> {
     /// Orthonormal rows (as many as images are missing) spanning the part of the activations'
     /// span that the `found` images' activations leave out; `None` when nothing is left out or
     /// the found activations are dependent.
@@ -829,15 +833,15 @@ struct Membership<'a> {
 impl Membership<'_> {
     /// The hidden activation for coefficients `c`.
     fn activation(&self, c: &DVector<f64>) -> DVector<f64> {
-        (self.reduced * c + self.bias).map(|u| u * normal_cdf(u))
+        (self.reduced * c + self.bias).map(gelu)
     }
 
     /// The residual `(a - P a) / |a|` (or `/ |Q a|`, see [`Membership::unfound`]) and its Jacobian
     /// with respect to `c`.
     fn residual_and_jacobian(&self, c: &DVector<f64>) -> (DVector<f64>, DMatrix<f64>) {
         let pre = self.reduced * c + self.bias;
-        let activation = pre.map(|u| u * normal_cdf(u));
-        let slope = pre.map(|u| normal_cdf(u) + u * normal_density(u));
+        let activation = pre.map(gelu);
+        let slope = pre.map(gelu_slope);
         let mut jacobian = self.reduced.clone();
         for (mut row, s) in jacobian.row_iter_mut().zip(slope.iter()) {
             row *= *s;
@@ -894,6 +898,16 @@ impl Membership<'_> {
     }
 }
 
+/// GELU, `u Phi(u)`.
+fn gelu(u: f64) -> f64 {
+    u * normal_cdf(u)
+}
+
+/// GELU's derivative, `Phi(u) + u phi(u)`.
+fn gelu_slope(u: f64) -> f64 {
+    normal_cdf(u) + u * normal_density(u)
+}
+
 /// The standard normal distribution function.
 fn normal_cdf(u: f64) -> f64 {
     0.5 * (1.0 + candle_core::cpu::erf::erf_f64(u * std::f64::consts::FRAC_1_SQRT_2))
@@ -926,11 +940,9 @@ mod tests {
             (DMatrix::zeros(hidden, width), DMatrix::zeros(width, hidden));
         for i in 0..images {
             let pre = &hidden_weight * tokens.column(i) + &hidden_bias;
-            let activation = pre.map(|u| u * normal_cdf(u));
+            let activation = pre.map(gelu);
             let back = output_weight.transpose() * outputs.column(i);
-            let delta = DVector::from_fn(hidden, |r, _| {
-                (normal_cdf(pre[r]) + pre[r] * normal_density(pre[r])) * back[r]
-            });
+            let delta = DVector::from_fn(hidden, |r, _| gelu_slope(pre[r]) * back[r]);
             hidden_gradient += delta * tokens.column(i).transpose();
             output_gradient += outputs.column(i) * activation.transpose();
         }
@@ -968,7 +980,7 @@ mod tests {
             basis: &activations,
             unfound: None,
         };
-        let batch = Batch {
+        let spaces = RowSpaces {
             tokens: &tokens,
             reduced: &reduced,
             activations: &activations,
@@ -979,7 +991,7 @@ mod tests {
             .map(|i| &tokens * private_tokens.column(i))
             .collect();
         let all: Vec<&DVector<f64>> = private.iter().collect();
-        let explained = block.hidden_consistency(&batch, &all).unwrap();
+        let explained = block.hidden_consistency(&spaces, &all).unwrap();
         assert!(explained < 1e-10, "{explained:e}");
         for left_out in 0..images {
             let found: Vec<(DVector<f64>, f64)> = (0..images)
@@ -987,7 +999,7 @@ mod tests {
                 .map(|i| (private[i].clone(), 0.0))
                 .collect();
             let mut rng = StdRng::seed_from_u64(left_out as u64);
-            let (point, residual) = block.last_image(&batch, &found, &mut rng).unwrap();
+            let (point, residual) = block.last_image(&spaces, &found, &mut rng).unwrap();
             let distance = (&point - &private[left_out]).norm() / private[left_out].norm();
             assert!(
                 distance < 1e-6,
@@ -999,7 +1011,7 @@ mod tests {
             let start = &private[other] * 1.001;
             let (plain, _) = problem.solve(start.clone());
             assert!((&plain - &private[other]).norm() < 1e-6 * private[other].norm());
-            let unfound = batch.unfound_activations(&found).unwrap();
+            let unfound = spaces.unfound_activations(&found).unwrap();
             let deflated = Membership {
                 unfound: Some(&unfound),
                 ..problem
@@ -1013,7 +1025,7 @@ mod tests {
             let mut wrong = all.clone();
             wrong[left_out] = &private[(left_out + 1) % images];
             assert!(block
-                .hidden_consistency(&batch, &wrong)
+                .hidden_consistency(&spaces, &wrong)
                 .is_none_or(|r| r > 1e-3));
         }
     }
