@@ -579,16 +579,12 @@ impl BlockValues {
             });
         }
         let columns: Vec<DVector<f64>> = found.iter().map(|(c, _)| problem.activation(c)).collect();
-        let stacked = DMatrix::from_columns(&columns);
-        let gram = stacked.transpose() * &stacked;
-        let Some(inverse) = gram.try_inverse() else {
+        let Some(outputs) = self.output_gradients(&columns) else {
             return Err(AttackError::Numerical {
                 attack: ATTACK,
                 reason: "the separated activations are linearly dependent".into(),
             });
         };
-        // Each separated image's gradient at the block's output (D x found).
-        let outputs = &self.output_gradient * &stacked * inverse;
         let mut labels = Vec::new();
         let mut residuals = Vec::new();
         for (index, (coefficients, residual)) in found.iter().enumerate() {
@@ -659,6 +655,14 @@ impl BlockValues {
         best.map(|(_, image)| image)
     }
 
+    /// Each image's gradient at the block's output (D x images), `dW2 A (A^T A)^-1` for the images'
+    /// activations `A`; `None` when they are linearly dependent.
+    fn output_gradients(&self, activations: &[DVector<f64>]) -> Option<DMatrix<f64>> {
+        let stacked = DMatrix::from_columns(activations);
+        let inverse = (stacked.transpose() * &stacked).try_inverse()?;
+        Some(&self.output_gradient * &stacked * inverse)
+    }
+
     /// How well the images at coefficients `points` explain the hidden layer's weight gradient,
     /// `|dW1 - sum_i delta_i m_i^T| / |dW1|`, with each image's gradient at the block's output
     /// from `dW2` and `delta_i` its back-propagation to the hidden pre-activation; `None` when the
@@ -668,9 +672,7 @@ impl BlockValues {
             .iter()
             .map(|c| spaces.problem.activation(c))
             .collect();
-        let stacked = DMatrix::from_columns(&columns);
-        let inverse = (stacked.transpose() * &stacked).try_inverse()?;
-        let outputs = &self.output_gradient * &stacked * inverse;
+        let outputs = self.output_gradients(&columns)?;
         let mut explained = DMatrix::<f64>::zeros(self.hidden, self.width);
         for (index, c) in points.iter().enumerate() {
             let pre = spaces.reduced * *c + &self.hidden_bias;
