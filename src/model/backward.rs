@@ -13,6 +13,13 @@
 //! [`super::Vit`] (same parameter names, same formulas), and the tests check both against candle's
 //! autograd in f64.
 //!
+//! A batch of two or more images runs as two passes over its halves, at once on two cores
+//! (`Pass::run_in_halves`): on this project's 2-core machine candle's kernels split across both cores
+//! pay a hand-off per kernel, which at tiny-ViT sizes costs what the second core brings. Measured
+//! 2026-12-05 (`fedleak bench --step attack --model vit-tiny-32 --batch 8 --iters 10 --threads 2`,
+//! before and after alternated twice): 139 / 145 -> 93 / 88 ms; two restarts at once on one kernel
+//! thread each, where the halves run in turn, 77-79 -> 80-81 ms.
+//!
 //! It gives no second-order gradients: the exact double backward (DLG, `--input-gradient exact`)
 //! still runs through the autograd composites of [`super::layers`].
 
@@ -56,8 +63,8 @@ pub fn loss_gradients(
         request,
     };
     match images.dtype() {
-        DType::F32 => pass.run::<f32>(images, targets).map(Some),
-        DType::F64 => pass.run::<f64>(images, targets).map(Some),
+        DType::F32 => pass.run_in_halves::<f32>(images, targets).map(Some),
+        DType::F64 => pass.run_in_halves::<f64>(images, targets).map(Some),
         _ => Ok(None),
     }
 }
@@ -137,10 +144,70 @@ impl Pass<'_> {
         present.then(|| self.param(name)).transpose()
     }
 
+    /// The pass over a batch of two or more images as two passes over its halves (the first
+    /// `ceil(B / 2)` images and the rest), at once on rayon's threads when there are several, else
+    /// one after the other. Each half divides its loss by the whole batch's size, so the batch's
+    /// gradients are the halves' sums (parameters) and concatenation (images). The images of a
+    /// batch do not interact in a ViT, so this is the batch's pass up to rounding. Each half runs
+    /// on one core with its kernels' parallel loops mostly inline, where one pass over the whole
+    /// batch splits every small kernel across the cores and pays a hand-off for each. The split
+    /// does not depend on the thread count, so neither do the results.
+    fn run_in_halves<T: Float>(
+        &self,
+        images: &Tensor,
+        targets: &Tensor,
+    ) -> candle_core::Result<LossGradients> {
+        let batch = images.dim(0)?;
+        if batch < 2 {
+            return self.run::<T>(images, targets, batch);
+        }
+        let first = batch.div_ceil(2);
+        let half = |start: usize, len: usize| {
+            let (images, targets) = (
+                images.narrow(0, start, len)?,
+                targets.narrow(0, start, len)?,
+            );
+            self.run::<T>(&images, &targets, batch)
+        };
+        let (head, tail) = if rayon::current_num_threads() > 1 {
+            rayon::join(|| half(0, first), || half(first, batch - first))
+        } else {
+            (half(0, first), half(first, batch - first))
+        };
+        let (head, tail) = (head?, tail?);
+        let input = match (head.input, tail.input) {
+            (Some(head), Some(tail)) => Some(Tensor::cat(&[head, tail], 0)?),
+            _ => None,
+        };
+        let parameters = match (head.parameters, tail.parameters) {
+            (Some(head), Some(mut tail)) => Some(
+                head.into_iter()
+                    .map(|(name, head)| {
+                        let tail = tail.remove(&name).ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "half-batch gradient {name} is missing"
+                            ))
+                        })?;
+                        Ok((name, (head + tail)?))
+                    })
+                    .collect::<candle_core::Result<ParamMap>>()?,
+            ),
+            _ => None,
+        };
+        Ok(LossGradients {
+            loss: head.loss + tail.loss,
+            input,
+            parameters,
+        })
+    }
+
+    /// One pass over `images`, the loss summed over them and divided by `loss_divisor` (their
+    /// number for their mean; the whole batch's for a part of it).
     fn run<T: Float>(
         &self,
         images: &Tensor,
         targets: &Tensor,
+        loss_divisor: usize,
     ) -> candle_core::Result<LossGradients> {
         let cfg = self.config;
         let (batch, channels, height, width) = images.dims4()?;
@@ -214,7 +281,7 @@ impl Pass<'_> {
             &classifier_weight,
             Some(&self.param("classifier.bias")?),
         )?;
-        let (loss, logits_grad) = cross_entropy_backward::<T>(&logits, targets)?;
+        let (loss, logits_grad) = cross_entropy_backward::<T>(&logits, targets, loss_divisor)?;
         if want_params {
             grads.insert(
                 "classifier.weight".into(),
@@ -870,11 +937,13 @@ fn gelu_backward<T: Float>(out_grad: &[T], pre: &[T], cdf: &[T]) -> Vec<T> {
     grad
 }
 
-/// The mean cross-entropy `-(1/B) sum t log softmax(z)` of logits (B x L) against targets, and its
-/// gradient with respect to the logits, `(softmax(z) * sum(t) - t) / B` per row.
+/// The cross-entropy of logits (B x L) against targets summed over the rows and divided by
+/// `divisor`, `-(1/divisor) sum t log softmax(z)` (the mean for `divisor` = B), and its gradient with
+/// respect to the logits, `(softmax(z) * sum(t) - t) / divisor` per row.
 fn cross_entropy_backward<T: Float>(
     logits: &Tensor,
     targets: &Tensor,
+    divisor: usize,
 ) -> candle_core::Result<(f64, Tensor)> {
     let (batch, classes) = logits.dims2()?;
     if targets.dims() != [batch, classes] {
@@ -887,7 +956,7 @@ fn cross_entropy_backward<T: Float>(
     let logits_values = values::<T>(logits)?;
     let probabilities = softmax_rows(&logits_values, classes, T::one());
     let targets = values::<T>(&targets.to_dtype(logits.dtype())?)?;
-    let inverse_batch = T::one() / T::from_f64(batch as f64);
+    let inverse_divisor = T::one() / T::from_f64(divisor as f64);
     let mut grad = vec![T::zero(); probabilities.len()];
     let mut loss = 0f64;
     for (((z, p), t), g) in logits_values
@@ -901,12 +970,12 @@ fn cross_entropy_backward<T: Float>(
         let log_norm = z.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
         let mass = t.iter().fold(T::zero(), |s, &v| s + v);
         for j in 0..classes {
-            g[j] = (p[j] * mass - t[j]) * inverse_batch;
+            g[j] = (p[j] * mass - t[j]) * inverse_divisor;
             loss -= WithDType::to_f64(t[j]) * (z[j] - log_norm);
         }
     }
     Ok((
-        loss / batch as f64,
+        loss / divisor as f64,
         Tensor::from_vec(grad, (batch, classes), logits.device())?,
     ))
 }

@@ -417,3 +417,46 @@ fn hand_written_backward_matches_autograd_for_every_parameter_and_the_input() {
         assert_eq!(only.parameters.unwrap().len(), manual_params.len());
     }
 }
+
+#[test]
+fn a_batch_gives_the_same_gradients_whether_its_halves_run_at_once_or_in_turn() {
+    let cfg = micro_config(PositionEmbeddingKind::Sincos);
+    let params = init_parameters(&cfg, 5, DType::F32, &Device::Cpu).unwrap();
+    let images = image_batch(&cfg, 5, 3).to_dtype(DType::F32).unwrap();
+    let targets = Tensor::new(
+        &[
+            [1f32, 0., 0.],
+            [0., 1., 0.],
+            [0., 0., 1.],
+            [1., 0., 0.],
+            [0.5, 0.5, 0.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let both = GradientRequest {
+        input: true,
+        parameters: true,
+    };
+    let on = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| loss_gradients(&cfg, &params, &images, &targets, both))
+            .unwrap()
+            .unwrap()
+    };
+    let (in_turn, at_once) = (on(1), on(2));
+    assert_eq!(in_turn.loss.to_bits(), at_once.loss.to_bits());
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        flat(in_turn.input.as_ref().unwrap()),
+        flat(at_once.input.as_ref().unwrap())
+    );
+    let (in_turn, at_once) = (in_turn.parameters.unwrap(), at_once.parameters.unwrap());
+    assert_eq!(in_turn.len(), at_once.len());
+    for (name, gradient) in &in_turn {
+        assert_eq!(flat(gradient), flat(&at_once[name]), "`{name}`");
+    }
+}
