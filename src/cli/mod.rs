@@ -70,7 +70,8 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
     /// Worker threads for tensor kernels (default: all cores; one when `attack` runs several restarts
-    /// at once, each on its own core).
+    /// at once, each on its own core). With two or more, a batch's pass runs its two halves at once;
+    /// results do not depend on the count.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     /// Only errors on stderr; no progress bars.
