@@ -589,14 +589,14 @@ fn prediction_conditional_counts(
     let n = cells.len();
     let gram = DMatrix::from_fn(n, n, |a, b| dot(&cells[a].1, &cells[b].1));
     let linear = DVector::from_fn(n, |a, _| dot(&cells[a].1, &observed));
-    let cell_counts = best_cell_counts(&gram, &linear, total)?;
+    let (value, cell_counts) = best_cell_counts(&gram, &linear, total)?;
     let mut counts = vec![0usize; classes];
     for ((label, _), &h) in cells.iter().zip(&cell_counts) {
         counts[*label] += h;
     }
-    let h = DVector::from_iterator(n, cell_counts.iter().map(|&v| v as f64));
+    // |observed - sum_h h cell|^2 = h^T G h - 2 l^T h + |observed|^2.
     let energy = dot(&observed, &observed);
-    let residual = (h.dot(&(&gram * &h)) - 2.0 * h.dot(&linear) + energy).max(0.0);
+    let residual = (value + energy).max(0.0);
     Some((counts, (residual / energy.max(f64::MIN_POSITIVE)).sqrt()))
 }
 
@@ -604,12 +604,13 @@ fn prediction_conditional_counts(
 const MAX_ENUMERATED_CELL_COUNTS: f64 = 1_048_576.0;
 
 /// The non-negative integers `h` summing to `total` that minimise `h^T gram h - 2 linear^T h`, all
-/// candidates tried; `None` when there are more than [`MAX_ENUMERATED_CELL_COUNTS`].
+/// candidates tried, with that minimum; `None` when there are more than
+/// [`MAX_ENUMERATED_CELL_COUNTS`].
 fn best_cell_counts(
     gram: &DMatrix<f64>,
     linear: &DVector<f64>,
     total: usize,
-) -> Option<Vec<usize>> {
+) -> Option<(f64, Vec<usize>)> {
     let cells = linear.len();
     // C(total + cells - 1, cells - 1) candidates.
     let candidates = (1..cells).fold(1.0, |acc, i| acc * (total + i) as f64 / i as f64);
@@ -624,7 +625,7 @@ fn best_cell_counts(
             best = (value, h.to_vec());
         }
     });
-    Some(best.1)
+    Some(best)
 }
 
 /// Calls `visit` with every way of putting `left` images into the cells from `cell` on (the earlier
@@ -703,7 +704,10 @@ mod tests {
                     h[rng.random_range(0..cells)] += 1;
                 }
                 let (gram, linear) = planted(&vectors, &h);
-                assert_eq!(best_cell_counts(&gram, &linear, total), Some(h));
+                assert_eq!(
+                    best_cell_counts(&gram, &linear, total).map(|(_, counts)| counts),
+                    Some(h)
+                );
             }
         }
     }

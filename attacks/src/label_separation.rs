@@ -1,7 +1,7 @@
 //! Per-image labels of a batch, separated from the gradients of the last transformer block's MLP,
 //! for the case where the counts of [`crate::count_labels`] fail: a trained model that fits its
 //! training images, whose bias gradient no longer says how many images of each class the batch held.
-//! The idea is that of the instance-wise label attacks (Ma et al., "Instance-wise RowSpaces Label
+//! The idea is that of the instance-wise label attacks (Ma et al., "Instance-wise Batch Label
 //! Restoration via Gradients in Federated Learning", ICLR 2023) and of SPEAR's decomposition of a
 //! layer's gradient into per-sample terms (Dimitrov et al., "SPEAR: Exact Gradient Inversion of
 //! Batches in Federated Learning", NeurIPS 2024), here for a ViT's classifier block.
@@ -548,8 +548,6 @@ impl BlockValues {
         if found.len() + 1 == images {
             let spaces = RowSpaces {
                 tokens: &tokens,
-                reduced: &reduced,
-                activations: &activations,
                 problem: &problem,
             };
             found.extend(self.last_image(&spaces, &found, &mut rng));
@@ -675,7 +673,7 @@ impl BlockValues {
         let outputs = self.output_gradients(&columns)?;
         let mut explained = DMatrix::<f64>::zeros(self.hidden, self.width);
         for (index, c) in points.iter().enumerate() {
-            let pre = spaces.reduced * *c + &self.hidden_bias;
+            let pre = spaces.problem.reduced * *c + &self.hidden_bias;
             let back = self.output.0.transpose() * outputs.column(index);
             let delta = DVector::from_fn(self.hidden, |r, _| gelu_slope(pre[r]) * back[r]);
             explained += delta * (spaces.tokens.transpose() * *c).transpose();
@@ -761,15 +759,12 @@ fn leading_row_space(matrix: &DMatrix<f64>, count: usize) -> Result<DMatrix<f64>
     Ok(basis)
 }
 
-/// The row spaces a separation works in, and its membership problem.
+/// The row spaces a separation works in: the tokens', and the activations' inside its membership
+/// problem (`problem.basis`, with `problem.reduced` = `W1 U`).
 struct RowSpaces<'a> {
     /// Orthonormal rows spanning the tokens (B x D).
     tokens: &'a DMatrix<f64>,
-    /// `W1 U` (M x B).
-    reduced: &'a DMatrix<f64>,
-    /// Orthonormal rows spanning the activations (B x M).
-    activations: &'a DMatrix<f64>,
-    /// Whether an activation lies in their span.
+    /// Whether an activation lies in the activations' span.
     problem: &'a Membership<'a>,
 }
 
@@ -778,14 +773,15 @@ impl RowSpaces<'_> {
     /// span that the `found` images' activations leave out; `None` when nothing is left out or
     /// the found activations are dependent.
     fn unfound_activations(&self, found: &[(DVector<f64>, f64)]) -> Option<DMatrix<f64>> {
+        let activations = self.problem.basis;
         let spanned: Vec<DVector<f64>> = found
             .iter()
-            .map(|(c, _)| self.activations * self.problem.activation(c))
+            .map(|(c, _)| activations * self.problem.activation(c))
             .collect();
-        let unspanned = unspanned_directions(&spanned, self.activations.nrows());
+        let unspanned = unspanned_directions(&spanned, activations.nrows());
         let rows: Vec<_> = unspanned
             .iter()
-            .map(|d| d.transpose() * self.activations)
+            .map(|d| d.transpose() * activations)
             .collect();
         (!rows.is_empty()).then(|| DMatrix::from_rows(&rows))
     }
@@ -984,8 +980,6 @@ mod tests {
         };
         let spaces = RowSpaces {
             tokens: &tokens,
-            reduced: &reduced,
-            activations: &activations,
             problem: &problem,
         };
         // The private images' coefficients in the tokens' row space.
