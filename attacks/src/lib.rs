@@ -36,8 +36,8 @@ pub use feature_inversion::{
 pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, LabelRecovery};
 pub use inverting_gradients::{
     invert_gradients, seconds_per_evaluation, GradientMatcher, ImageOptimizer, InputGradient,
-    InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, LBFGS_HISTORY, LINE_SEARCH_TRIES,
-    MAX_REFINEMENT_RISE, SINGLE_IMAGE_PRIOR_DECAY,
+    InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, BATCH_TV_WEIGHT, LBFGS_HISTORY,
+    LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE, SINGLE_IMAGE_PRIOR_DECAY,
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use label_separation::{

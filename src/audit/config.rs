@@ -46,8 +46,9 @@ pub struct AttackSettings {
     pub iterations: usize,
     /// Inverting Gradients: random restarts (the best by matching loss is kept).
     pub restarts: usize,
-    /// Inverting Gradients: weight of the total-variation prior.
-    pub tv_weight: f64,
+    /// Inverting Gradients: weight of the total-variation prior (`>= 0`); unset, the attack's
+    /// default for the observation (1e-3 for one image, 3e-2 for a batch or an aggregate).
+    pub tv_weight: Option<f64>,
     /// Inverting Gradients: factor on the image prior at each step decay, in [0, 1]; unset, the
     /// attack's default for the observation (0.1 for one image, 1 for a batch or an aggregate).
     pub prior_decay: Option<f64>,
@@ -69,7 +70,7 @@ impl Default for AttackSettings {
             clients: vec![0],
             iterations: 200,
             restarts: 1,
-            tv_weight: fedleak_attacks::InvertingGradientsConfig::default().tv_weight,
+            tv_weight: None,
             prior_decay: None,
             patch_refinement: None,
             precision: AttackPrecision::F32,
@@ -199,11 +200,15 @@ impl AuditConfig {
                 "e.g. patch_refinement = 3e-6, or 0 to switch the refinement off; leave it out for the default",
             ));
         }
-        if !(self.attack.tv_weight >= 0.0 && self.attack.tv_weight.is_finite()) {
+        if let Some(weight) = self
+            .attack
+            .tv_weight
+            .filter(|w| !(*w >= 0.0 && w.is_finite()))
+        {
             return Err(bad(
                 "attack.tv_weight",
-                &format!("{} is not a finite weight >= 0", self.attack.tv_weight),
-                "e.g. tv_weight = 1e-3",
+                &format!("{weight} is not a finite weight >= 0"),
+                "e.g. tv_weight = 1e-3, or 0 to switch the prior off; leave it out for the default",
             ));
         }
         if let Some(&c) = self.attack.clients.iter().find(|&&c| c >= self.fl.clients) {

@@ -353,7 +353,7 @@ fn run_attack(
             } else {
                 let defaults = InvertingGradientsConfig::for_observation(observation);
                 InvertingGradientsConfig {
-                    tv_weight: config.attack.tv_weight,
+                    tv_weight: config.attack.tv_weight.unwrap_or(defaults.tv_weight),
                     prior_decay: config.attack.prior_decay.unwrap_or(defaults.prior_decay),
                     patch_refinement: config
                         .attack

@@ -102,9 +102,10 @@ pub struct AttackArgs {
     /// L-BFGS.
     #[arg(long, value_enum, default_value_t = OptimizerArg::SignedAdam)]
     pub optimizer: OptimizerArg,
-    /// Weight of the total-variation prior.
-    #[arg(long, default_value_t = InvertingGradientsConfig::default().tv_weight, value_parser = non_negative_weight)]
-    pub tv_weight: f64,
+    /// Weight of the total-variation prior [default: 1e-3 for one image, 3e-2 for a batch or an
+    /// aggregate, whose gradient mixes the images and leaves their noise unconstrained].
+    #[arg(long, value_parser = non_negative_weight)]
+    pub tv_weight: Option<f64>,
     /// Weight of the colour-opponent total variation (0 switches it off).
     #[arg(long, default_value_t = InvertingGradientsConfig::default().opponent_tv_weight, value_parser = non_negative_weight)]
     pub opponent_tv_weight: f64,
@@ -341,7 +342,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             ..InvertingGradientsConfig::dlg()
         },
         _ => InvertingGradientsConfig {
-            tv_weight: args.tv_weight,
+            tv_weight: args.tv_weight.unwrap_or(defaults.tv_weight),
             opponent_tv_weight: args.opponent_tv_weight,
             patch_weight: args.patch_weight,
             patch_refinement: args.patch_refinement.unwrap_or(defaults.patch_refinement),
