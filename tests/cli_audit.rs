@@ -477,6 +477,8 @@ fn bad_attack_settings_are_named() {
     for (setting, named) in [
         ("prior_decay = 2.0", "attack.prior_decay"),
         ("tv_weight = -1.0", "attack.tv_weight"),
+        ("tv_weight = nan", "attack.tv_weight"),
+        ("patch_refinement = inf", "attack.patch_refinement"),
         ("patch_refinement = -1e-6", "attack.patch_refinement"),
         ("precision = \"f16\"", "precision"),
     ] {

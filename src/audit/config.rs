@@ -189,27 +189,28 @@ impl AuditConfig {
                 "e.g. prior_decay = 0.1 (the prior gives way), or 1 (constant); leave it out for the default",
             ));
         }
-        if let Some(ridge) = self
-            .attack
-            .patch_refinement
-            .filter(|r| !(*r >= 0.0 && r.is_finite()))
-        {
-            return Err(bad(
+        let non_negative = [
+            (
                 "attack.patch_refinement",
-                &format!("{ridge} is not a finite ridge >= 0"),
+                self.attack.patch_refinement,
+                "ridge",
                 "e.g. patch_refinement = 3e-6, or 0 to switch the refinement off; leave it out for the default",
-            ));
-        }
-        if let Some(weight) = self
-            .attack
-            .tv_weight
-            .filter(|w| !(*w >= 0.0 && w.is_finite()))
-        {
-            return Err(bad(
+            ),
+            (
                 "attack.tv_weight",
-                &format!("{weight} is not a finite weight >= 0"),
+                self.attack.tv_weight,
+                "weight",
                 "e.g. tv_weight = 1e-3, or 0 to switch the prior off; leave it out for the default",
-            ));
+            ),
+        ];
+        for (key, value, what, hint) in non_negative {
+            if let Some(value) = value.filter(|v| !(*v >= 0.0 && v.is_finite())) {
+                return Err(bad(
+                    key,
+                    &format!("{value} is not a finite {what} >= 0"),
+                    hint,
+                ));
+            }
         }
         if let Some(&c) = self.attack.clients.iter().find(|&&c| c >= self.fl.clients) {
             return Err(bad(
