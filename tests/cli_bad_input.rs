@@ -349,3 +349,40 @@ fn a_corrupt_capture_is_named_and_nothing_is_written() {
     assert_bad_input(&out, &["aggregate/update.json", "aggregate_samples [3]"]);
     assert!(!tmp.path().join("refused").exists());
 }
+
+#[test]
+fn private_data_that_cannot_be_found_stops_the_attack_before_it_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    small_image_folder(tmp.path(), 5);
+    // A relative folder: the capture's private record names it as given.
+    let out = train_on(
+        tmp.path(),
+        "digits",
+        &["--clients", "2", "--algorithm", "fedsgd"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = fedleak(
+        &elsewhere,
+        &[
+            "attack",
+            "--capture",
+            "../out/captures/round-0001/client-0",
+            "--attack",
+            "ig",
+            "--iterations",
+            "1",
+            "--restarts",
+            "1",
+            "--out",
+            "refused",
+        ],
+    );
+    assert_bad_input(&out, &["digits"]);
+    assert!(!elsewhere.join("refused").exists(), "the attack ran first");
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::ValueEnum;
-use fedleak::audit::{attacker_view, private_images, AttackPrecision};
+use fedleak::audit::{attacker_view, private_images, AttackPrecision, PrivateImages};
 use fedleak::data::{load_data, DataSpec};
 use fedleak::fl::read_capture;
 use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
@@ -301,6 +301,15 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     };
     let (target, observation) = attacker_view(&capture, precision, &device)?;
     let reference = load_label_reference(&capture, &args, &device)?;
+    // Read before the attack, so that a private record whose data cannot be found (e.g. a relative
+    // folder given to `fedleak train` elsewhere) stops the run at once, not after the attack.
+    let private = private_images(&capture, &device).with_context(|| {
+        format!(
+            "`{}`'s private record names the data `{}` for scoring, which cannot be loaded from here; run `fedleak attack` from where `fedleak train` ran (a relative path is read from there)",
+            args.capture.display(),
+            capture.private.as_ref().map_or("", |p| p.data.as_str()),
+        )
+    })?;
     let create_out = || {
         std::fs::create_dir_all(&args.out)
             .with_context(|| format!("cannot create `{}`", args.out.display()))
@@ -313,13 +322,13 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
                 &observation,
                 &target,
                 reference.as_ref(),
+                private.as_ref(),
                 &args,
-                &device,
             );
         }
         AttackArg::Linear => {
             create_out()?;
-            return run_linear(&capture, &observation, &target, &args, &device);
+            return run_linear(&observation, &target, private.as_ref(), &args);
         }
         _ => {}
     }
@@ -432,7 +441,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
             return Ok(());
         }
     };
-    let rows = write_outputs(&capture, &reconstruction, &args, &device)?;
+    let rows = write_outputs(&capture, &reconstruction, private.as_ref(), &args)?;
     let scored: Vec<f64> = rows.iter().filter_map(|r| r.psnr_db).collect();
     let summary = serde_json::json!({
         "attack": reconstruction.attack,
@@ -523,8 +532,8 @@ fn run_labels(
     observation: &Observation,
     target: &VitTarget,
     reference: Option<&ReferenceImages>,
+    private: Option<&PrivateImages>,
     args: &AttackArgs,
-    device: &candle_core::Device,
 ) -> Result<()> {
     announce_label_search(observation, target);
     let recovery =
@@ -535,7 +544,7 @@ fn run_labels(
                 return Ok(());
             }
         };
-    let scores: Vec<Option<bool>> = match private_images(capture, device)? {
+    let scores: Vec<Option<bool>> = match private {
         Some(private) => score_labels(
             &recovery
                 .labels
@@ -591,11 +600,10 @@ struct FeatureRow {
 /// `--attack linear`: the CLS feature read off the classifier's gradients, written to `features.csv`
 /// (one value per line) and scored against the private image's own feature when it is known.
 fn run_linear(
-    capture: &fedleak::fl::Capture,
     observation: &Observation,
     target: &VitTarget,
+    private: Option<&PrivateImages>,
     args: &AttackArgs,
-    device: &candle_core::Device,
 ) -> Result<()> {
     let recovery = match recover_classifier_input(observation, target)? {
         FeatureOutcome::Recovered(recovery) => recovery,
@@ -609,7 +617,7 @@ fn run_linear(
         .to_dtype(candle_core::DType::F64)?
         .flatten_all()?
         .to_vec1()?;
-    let truth: Option<Vec<f64>> = match private_images(capture, device)? {
+    let truth: Option<Vec<f64>> = match private {
         Some(private) => target
             .features(target.parameters(), &private.images)?
             .map(|f| {
@@ -670,8 +678,8 @@ fn image_values(images: &Tensor, index: usize) -> Result<Vec<f32>> {
 fn write_outputs(
     capture: &fedleak::fl::Capture,
     reconstruction: &Reconstruction,
+    private: Option<&PrivateImages>,
     args: &AttackArgs,
-    device: &candle_core::Device,
 ) -> Result<Vec<ResultRow>> {
     let images = &reconstruction.images;
     let count = images.dim(0)?;
@@ -681,7 +689,6 @@ fn write_outputs(
     for i in 0..count {
         write_png(&images.get(i)?, &images_dir.join(format!("image-{i}.png")))?;
     }
-    let private = private_images(capture, device)?;
     let mut rows: Vec<ResultRow> = (0..count)
         .map(|i| ResultRow {
             round: capture.meta.round,
