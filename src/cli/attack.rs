@@ -305,7 +305,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     // folder given to `fedleak train` elsewhere) stops the run at once, not after the attack.
     let private = private_images(&capture, &device).with_context(|| {
         format!(
-            "`{}`'s private record names the data `{}` for scoring, which cannot be loaded from here; run `fedleak attack` from where `fedleak train` ran (a relative path is read from there)",
+            "`{}`'s private record names the data `{}` for scoring, which cannot be loaded (a relative folder is read from the working directory: run `fedleak attack` from where `fedleak train` ran)",
             args.capture.display(),
             capture.private.as_ref().map_or("", |p| p.data.as_str()),
         )
