@@ -351,7 +351,7 @@ fn run_attack(
             let base = if kind == AttackKind::Dlg {
                 InvertingGradientsConfig::dlg()
             } else {
-                let defaults = InvertingGradientsConfig::for_observation(observation);
+                let defaults = InvertingGradientsConfig::for_observation(observation, target);
                 InvertingGradientsConfig {
                     tv_weight: config.attack.tv_weight.unwrap_or(defaults.tv_weight),
                     prior_decay: config.attack.prior_decay.unwrap_or(defaults.prior_decay),

@@ -35,7 +35,7 @@ const BASELINE_BYTES: u64 = 64 << 20;
 /// How an attack step takes the input gradient of its matching objective, as far as memory goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttackStepKind {
-    /// Exact double backward through candle's autograd (DLG, L-BFGS, joint labels,
+    /// Exact double backward through candle's autograd (DLG, joint labels,
     /// `--input-gradient exact`).
     Exact,
     /// Hessian-vector products by finite differences of first-order passes (Inverting Gradients'
