@@ -270,6 +270,15 @@ pub const SINGLE_IMAGE_PRIOR_DECAY: f64 = 0.1;
 /// Iterations [`InvertingGradientsConfig::default_iterations`] gives a batch (more than one image).
 pub const BATCH_ITERATIONS: usize = 3000;
 
+/// Iterations [`InvertingGradientsConfig::default_iterations`] gives one image under L-BFGS: a cap,
+/// since L-BFGS stops once its line search has failed twice in a row (converged). Measured
+/// 2026-12-05 (tiny ViT with a learnable table, FedSGD, the first eight `dab_positive` IHC tiles,
+/// `fedleak attack --attack ig`, 2 restarts): six tiles had converged by 400 iterations (the same
+/// images at 1000), the other two went from 29.63 / 28.83 dB at 400 to 30.55 / 30.90 at 1000 and
+/// stayed there at 2000; the eight 31.00 -> 31.37 dB, SSIM 0.916 -> 0.919. DLG (squared L2, no
+/// prior) on the first tile: 20.25 dB at 400, 26.85 at 1000.
+pub const SINGLE_IMAGE_LBFGS_ITERATIONS: usize = 1000;
+
 /// Weight of the total-variation prior [`InvertingGradientsConfig::default_tv_weight`] gives a
 /// batch (more than one image); one image keeps [`InvertingGradientsConfig::default`]'s.
 pub const BATCH_TV_WEIGHT: f64 = 3e-2;
@@ -395,7 +404,7 @@ impl InvertingGradientsConfig {
     /// ```
     pub fn for_images(images: usize) -> Self {
         Self {
-            iterations: Self::default_iterations(images),
+            iterations: Self::default_iterations(images, ImageOptimizer::default()),
             tv_weight: Self::default_tv_weight(images),
             prior_decay: Self::default_prior_decay(images),
             input_gradient: Self::default_input_gradient(images),
@@ -406,25 +415,51 @@ impl InvertingGradientsConfig {
 
     /// [`InvertingGradientsConfig::for_images`] for the private images behind `observation` (its
     /// batch, or all clients' batches for an aggregate; one when it holds no update to invert), with
-    /// the optimiser [`InvertingGradientsConfig::default_optimizer`] gives `model`.
+    /// the optimiser [`InvertingGradientsConfig::default_optimizer`] gives `model` and that
+    /// optimiser's iterations.
     pub fn for_observation(observation: &Observation, model: &dyn TargetModel) -> Self {
+        let images = Self::images_behind(observation);
+        let optimizer = Self::default_optimizer(model);
         Self {
-            optimizer: Self::default_optimizer(model),
-            ..Self::for_images(observation.update_view().map_or(1, |view| view.images))
+            optimizer,
+            iterations: Self::default_iterations(images, optimizer),
+            ..Self::for_images(images)
         }
+    }
+
+    /// DLG's setting ([`InvertingGradientsConfig::dlg`]) with the iterations L-BFGS takes for the
+    /// private images behind `observation`.
+    pub fn dlg_for_observation(observation: &Observation) -> Self {
+        Self {
+            iterations: Self::default_iterations(
+                Self::images_behind(observation),
+                ImageOptimizer::Lbfgs,
+            ),
+            ..Self::dlg()
+        }
+    }
+
+    /// The private images behind `observation`: its batch, or all clients' batches for an
+    /// aggregate; one when it holds no update to invert.
+    fn images_behind(observation: &Observation) -> usize {
+        observation.update_view().map_or(1, |view| view.images)
     }
 
     /// Default optimiser for an attack on `model`: L-BFGS (with the finite-difference input
     /// gradient) when its position embedding is learnable, signed Adam behind a fixed table.
     /// Measured 2026-12-05 (tiny ViT at initial weights, FedSGD, the first eight `dab_positive` IHC
-    /// tiles one per client, `fedleak attack --attack ig --optimizer signed-adam|lbfgs`, 400
-    /// iterations, 2 restarts). A learnable table (the image dominates the tokens): signed Adam
+    /// tiles one per client, `fedleak attack --attack ig --optimizer signed-adam|lbfgs`, 2
+    /// restarts). A learnable table (the image dominates the tokens): signed Adam (400 iterations)
     /// 16.04 dB / SSIM 0.273 (13.5 - 18.3 dB; 2000 iterations took two tiles from 13.5 / 15.0 to
     /// only 19.4 / 20.4 dB, at objectives of 3.4e-6 / 3.9e-6, which L-BFGS reaches at 29.9 / 31.6
-    /// dB), L-BFGS 31.15 / 0.916 (29.2 - 33.3 dB, each tile above breaching's DLG's best), about 10
-    /// s a tile; a batch of 8 (3000 iterations) 18.86 / 0.383 in 302 s against signed Adam's 18.77 /
-    /// 0.390 in 458 s. A sin-cos table (the image a small perturbation of it): signed Adam 22.49 /
-    /// 0.442, L-BFGS 22.01 / 0.396, stopping early at objectives of 6e-7 - 2.5e-6.
+    /// dB), L-BFGS 31.00 / 0.916 at 400 iterations and 31.37 / 0.919 at 1000 (29.7 - 33.0 dB, each
+    /// tile above breaching's DLG's best), 9 - 14 s a tile; its TV weight is right at 1e-3 (two
+    /// tiles: 22.6 / 21.4 dB at 1e-4, 25.4 / 26.7 at 1e-2). A batch of 8 (3000 iterations) 18.86 /
+    /// 0.383 in 302 s against signed Adam's 18.77 / 0.390 in 458 s; FedAvg with one image in each
+    /// of 4 local SGD steps (3000 iterations) 22.57 / 0.499 in 97 s against 23.05 / 0.483 in 559 s.
+    /// A sin-cos table (the image a small perturbation of it): signed Adam 22.49 / 0.442, L-BFGS
+    /// 22.01 / 0.396 (400 iterations), stopping early at objectives of 6e-7 - 2.5e-6 (TV 1e-4 or
+    /// 1e-2 no better on two tiles); a batch of 8 19.51 / 0.326 against 18.23 / 0.317.
     pub fn default_optimizer(model: &dyn TargetModel) -> ImageOptimizer {
         let learnable_positions = model
             .patch_embedding()
@@ -436,8 +471,9 @@ impl InvertingGradientsConfig {
         }
     }
 
-    /// Default iterations for an observation of `images` private images. One image has converged by
-    /// the default 400 (on the sin-cos IHC tiles, 1000 iterations gave 22.40 / 20.94 dB against
+    /// Default iterations for an observation of `images` private images under `optimizer`. One image
+    /// under L-BFGS: [`SINGLE_IMAGE_LBFGS_ITERATIONS`], a cap. One image under signed Adam has
+    /// converged by the default 400 (on the sin-cos IHC tiles, 1000 iterations gave 22.40 / 20.94 dB against
     /// 22.44 / 21.13 dB at 400), a batch keeps improving ([`BATCH_ITERATIONS`]; batch 8 of those tiles:
     /// 15.8 dB at 300, 18.1 dB at 1000, 18.8 dB at 2000 iterations on one client; over both clients' 16
     /// images 17.25 dB at 1000 and 18.12 dB at 2000 iterations, 1 restart; re-measured on 2026-12-02
@@ -448,16 +484,21 @@ impl InvertingGradientsConfig {
     /// (seed 1). 3000 it is: +1.4 dB on average for 1.5x the time, where 4000 added 0.1 dB more.
     ///
     /// ```
-    /// use fedleak_attacks::{InvertingGradientsConfig, BATCH_ITERATIONS};
-    /// let single = InvertingGradientsConfig::default_iterations(1);
+    /// use fedleak_attacks::{
+    ///     ImageOptimizer, InvertingGradientsConfig, BATCH_ITERATIONS, SINGLE_IMAGE_LBFGS_ITERATIONS,
+    /// };
+    /// let single = InvertingGradientsConfig::default_iterations(1, ImageOptimizer::SignedAdam);
     /// assert_eq!(single, InvertingGradientsConfig::default().iterations);
-    /// assert_eq!(InvertingGradientsConfig::default_iterations(8), BATCH_ITERATIONS);
+    /// let lbfgs = InvertingGradientsConfig::default_iterations(1, ImageOptimizer::Lbfgs);
+    /// assert_eq!(lbfgs, SINGLE_IMAGE_LBFGS_ITERATIONS);
+    /// let batch = InvertingGradientsConfig::default_iterations(8, ImageOptimizer::Lbfgs);
+    /// assert_eq!(batch, BATCH_ITERATIONS);
     /// ```
-    pub fn default_iterations(images: usize) -> usize {
-        if images > 1 {
-            BATCH_ITERATIONS
-        } else {
-            Self::default().iterations
+    pub fn default_iterations(images: usize, optimizer: ImageOptimizer) -> usize {
+        match (images > 1, optimizer) {
+            (true, _) => BATCH_ITERATIONS,
+            (false, ImageOptimizer::Lbfgs) => SINGLE_IMAGE_LBFGS_ITERATIONS,
+            (false, ImageOptimizer::SignedAdam) => Self::default().iterations,
         }
     }
 

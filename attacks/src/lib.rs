@@ -37,7 +37,8 @@ pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, L
 pub use inverting_gradients::{
     invert_gradients, seconds_per_evaluation, GradientMatcher, ImageOptimizer, InputGradient,
     InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, BATCH_TV_WEIGHT, LBFGS_HISTORY,
-    LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE, SINGLE_IMAGE_PRIOR_DECAY,
+    LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE, SINGLE_IMAGE_LBFGS_ITERATIONS,
+    SINGLE_IMAGE_PRIOR_DECAY,
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use label_separation::{

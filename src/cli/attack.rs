@@ -86,8 +86,9 @@ pub struct AttackArgs {
     /// The attack.
     #[arg(long, value_enum, default_value_t = AttackArg::Auto)]
     pub attack: AttackArg,
-    /// Optimisation iterations per restart [default: 400 for one image, 3000 for a batch or an
-    /// aggregate, which keep improving longer].
+    /// Optimisation iterations per restart [default: for one image 400 under signed Adam and 1000
+    /// under L-BFGS (DLG, and Inverting Gradients behind a learnable table), a cap it stops short of
+    /// once converged; 3000 for a batch or an aggregate, which keep improving longer].
     #[arg(long, value_parser = at_least_one)]
     pub iterations: Option<usize>,
     /// Random restarts (the best by matching objective is kept, never by ground truth).
@@ -345,10 +346,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         Some(OptimizerArg::Lbfgs) => ImageOptimizer::Lbfgs,
     };
     let base = match args.attack {
-        AttackArg::Dlg => InvertingGradientsConfig {
-            iterations: defaults.iterations,
-            ..InvertingGradientsConfig::dlg()
-        },
+        AttackArg::Dlg => InvertingGradientsConfig::dlg_for_observation(&observation),
         _ => InvertingGradientsConfig {
             tv_weight: args.tv_weight.unwrap_or(defaults.tv_weight),
             opponent_tv_weight: args.opponent_tv_weight,
