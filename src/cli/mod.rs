@@ -26,11 +26,12 @@ pub struct Args {
 
 impl Args {
     /// Whether the command may take a second-order gradient (a double backward through candle):
-    /// DLG, `--input-gradient exact` or joint-label optimisation, the exact bench step, an audit whose configuration
-    /// runs DLG, and sweeps (whose runs may). candle then keeps the graph of *every* backward pass alive
-    /// until its gradients are dropped, which multiplies the memory of first-order passes (ViT-B/16
-    /// attack step: 6.8 GB peak with it, see the bench README), so training, labels, the closed form
-    /// and the finite-difference attack steps run without it.
+    /// DLG, `--input-gradient exact` or joint-label optimisation, the exact bench step, an audit
+    /// whose configuration runs DLG, and sweeps (whose runs may). candle then keeps the graph of
+    /// *every* backward pass alive until its gradients are dropped, which multiplies the memory of
+    /// first-order passes (ViT-B/16 attack step: 6.8 GB peak with it, see the bench README), so
+    /// training, labels, the closed form and the finite-difference attack steps (either optimiser)
+    /// run without it.
     pub fn needs_second_order_gradients(&self) -> bool {
         match &self.command {
             Command::Attack(a) => a.needs_second_order_gradients(),
