@@ -493,10 +493,16 @@ fn announce_duration(
         .max(1)
         .div_ceil(config.restart_workers.max(1));
     let total = seconds * (config.iterations * rounds) as f64;
+    // The optimiser depends on the model (L-BFGS behind a learnable position table), so say which.
+    let optimizer = match config.optimizer {
+        ImageOptimizer::SignedAdam => "signed Adam",
+        ImageOptimizer::Lbfgs => "L-BFGS, which stops once converged",
+    };
     let message = format!(
-        "Inverting Gradients on {} image(s): one evaluation took {seconds:.3} s; {} iterations x \
-         {rounds} round(s) of restarts make about {:.0} min (more with restarts running at once; \
-         not counting the patch refinements and the search over which step held which candidate)",
+        "Inverting Gradients ({optimizer}) on {} image(s): one evaluation took {seconds:.3} s; {} \
+         iterations x {rounds} round(s) of restarts make about {:.0} min (more with restarts \
+         running at once; not counting the patch refinements and the search over which step held \
+         which candidate)",
         labels.len(),
         config.iterations,
         total / 60.0
