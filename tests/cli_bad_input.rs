@@ -351,10 +351,10 @@ fn a_corrupt_capture_is_named_and_nothing_is_written() {
 }
 
 #[test]
-fn private_data_that_cannot_be_found_stops_the_attack_before_it_runs() {
+fn private_data_is_recorded_absolute_and_moved_data_stops_the_attack_before_it_runs() {
     let tmp = tempfile::tempdir().unwrap();
-    small_image_folder(tmp.path(), 5);
-    // A relative folder: the capture's private record names it as given.
+    let data = small_image_folder(tmp.path(), 5);
+    // Given relative, recorded absolute.
     let out = train_on(
         tmp.path(),
         "digits",
@@ -365,24 +365,44 @@ fn private_data_that_cannot_be_found_stops_the_attack_before_it_runs() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("out/train.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["data"], format!("folder:{}", data.display()));
     let elsewhere = tmp.path().join("elsewhere");
     std::fs::create_dir_all(&elsewhere).unwrap();
-    let out = fedleak(
-        &elsewhere,
-        &[
-            "attack",
-            "--capture",
-            "../out/captures/round-0001/client-0",
-            "--attack",
-            "ig",
-            "--iterations",
-            "1",
-            "--restarts",
-            "1",
-            "--out",
-            "refused",
-        ],
+    let attack = |out_dir: &str| {
+        fedleak(
+            &elsewhere,
+            &[
+                "attack",
+                "--capture",
+                "../out/captures/round-0001/client-0",
+                "--attack",
+                "ig",
+                "--iterations",
+                "1",
+                "--restarts",
+                "1",
+                "--quiet",
+                "--out",
+                out_dir,
+            ],
+        )
+    };
+    // From another directory the private images are found and the result scored.
+    let scored = attack("scored");
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
     );
-    assert_bad_input(&out, &["digits"]);
+    let summary: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&scored.stdout).trim()).unwrap();
+    assert!(summary["psnr_db_mean"].is_number(), "{summary}");
+    // Data moved away after training: the run stops before the attack, nothing written.
+    std::fs::rename(&data, tmp.path().join("moved")).unwrap();
+    let refused = attack("refused");
+    assert_bad_input(&refused, &["digits", "where `fedleak train` read it"]);
     assert!(!elsewhere.join("refused").exists(), "the attack ran first");
 }

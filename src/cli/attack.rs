@@ -301,11 +301,11 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     };
     let (target, observation) = attacker_view(&capture, precision, &device)?;
     let reference = load_label_reference(&capture, &args, &device)?;
-    // Read before the attack, so that a private record whose data cannot be found (e.g. a relative
-    // folder given to `fedleak train` elsewhere) stops the run at once, not after the attack.
+    // Read before the attack, so that a private record whose data cannot be found (moved since
+    // `fedleak train`) stops the run at once, not after the attack.
     let private = private_images(&capture, &device).with_context(|| {
         format!(
-            "`{}`'s private record names the data `{}` for scoring, which cannot be loaded (a relative folder is read from the working directory: run `fedleak attack` from where `fedleak train` ran)",
+            "`{}`'s private record names the data `{}` for scoring, which cannot be loaded: it must stay where `fedleak train` read it (a relative path in the record is read from the working directory)",
             args.capture.display(),
             capture.private.as_ref().map_or("", |p| p.data.as_str()),
         )

@@ -186,7 +186,9 @@ fn position_kind(arg: PositionArg) -> PositionEmbeddingKind {
 /// Runs `fedleak train`.
 pub fn run(global: &GlobalArgs, args: TrainArgs) -> Result<()> {
     let device = select_device(global.device)?;
-    let spec = DataSpec::parse(&args.data)?;
+    // Recorded absolute: the capture's private records name it for scoring wherever an attack
+    // runs from.
+    let spec = DataSpec::parse(&args.data)?.absolute()?;
     let partition: PartitionScheme = args.partition.parse()?;
     let fl = FlConfig {
         clients: args.clients,

@@ -143,6 +143,29 @@ impl DataSpec {
         }
         Err(unknown_form(text))
     }
+
+    /// The same source with a relative folder or archive path made absolute against the working
+    /// directory (lexically: symbolic links are kept), so that a record naming it (the private
+    /// record of a capture, `train.json`) still finds it when read from another directory.
+    ///
+    /// ```
+    /// use fedleak::data::DataSpec;
+    /// let spec = DataSpec::parse("folder:tiles")?.absolute()?;
+    /// assert_eq!(spec, DataSpec::Folder(std::env::current_dir()?.join("tiles")));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the working directory cannot be read.
+    pub fn absolute(self) -> Result<Self> {
+        let absolute =
+            |path: PathBuf| std::path::absolute(&path).map_err(|source| Error::Io { path, source });
+        Ok(match self {
+            DataSpec::Fixture(name) => DataSpec::Fixture(name),
+            DataSpec::MedMnist(path) => DataSpec::MedMnist(absolute(path)?),
+            DataSpec::Folder(dir) => DataSpec::Folder(absolute(dir)?),
+        })
+    }
 }
 
 impl FromStr for DataSpec {
