@@ -233,28 +233,58 @@ fn same_seed_gives_identical_results_apart_from_timing() {
         let run = run_audit(tmp.path(), &config, out);
         assert!(run.status.success(), "{}", util::stderr(&run));
     }
-    let strip = |out: &str| {
-        let (header, rows) = read_csv(&tmp.path().join(out).join("results.csv"));
-        let timing: Vec<usize> = header
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.ends_with("_seconds"))
-            .map(|(i, _)| i)
-            .collect();
-        assert!(!timing.is_empty());
-        rows.into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .enumerate()
-                    .filter(|(i, _)| !timing.contains(i))
-                    .map(|(_, v)| v)
-                    .collect::<Vec<_>>()
-            })
-            .collect::<Vec<_>>()
-    };
-    let (a, b) = (strip("a"), strip("b"));
+    let (a, b) = (
+        results_without_timing(&tmp.path().join("a")),
+        results_without_timing(&tmp.path().join("b")),
+    );
     assert!(!a.is_empty());
     assert_eq!(a, b);
+}
+
+/// The rows of an audit's `results.csv` without its `*_seconds` columns.
+fn results_without_timing(audit: &Path) -> Vec<Vec<String>> {
+    let (header, rows) = read_csv(&audit.join("results.csv"));
+    let timing: Vec<usize> = header
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.ends_with("_seconds"))
+        .map(|(i, _)| i)
+        .collect();
+    assert!(!timing.is_empty());
+    rows.into_iter()
+        .map(|r| {
+            r.into_iter()
+                .enumerate()
+                .filter(|(i, _)| !timing.contains(i))
+                .map(|(_, v)| v)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn the_optimizer_key_chooses_how_inverting_gradients_optimises() {
+    // vit-nano-32 has a learnable position table: L-BFGS by default.
+    let config =
+        small_audit_with_schemes(1).replace("kinds = [\"april\", \"ig\"]", "kinds = [\"ig\"]");
+    let tmp = tempfile::tempdir().unwrap();
+    for (out, setting) in [
+        ("default", ""),
+        ("lbfgs", "optimizer = \"lbfgs\"\n"),
+        ("adam", "optimizer = \"signed-adam\"\n"),
+    ] {
+        let config = config.replacen("restarts = 1\n", &format!("restarts = 1\n{setting}"), 1);
+        let run = run_audit(tmp.path(), &config, out);
+        assert!(run.status.success(), "{}", util::stderr(&run));
+    }
+    let rows = |out: &str| results_without_timing(&tmp.path().join(out));
+    assert!(!rows("default").is_empty());
+    assert_eq!(rows("default"), rows("lbfgs"));
+    assert_ne!(rows("default"), rows("adam"));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("adam/audit.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["config"]["attack"]["optimizer"], "signed_adam");
 }
 
 #[test]
@@ -481,6 +511,7 @@ fn bad_attack_settings_are_named() {
         ("patch_refinement = inf", "attack.patch_refinement"),
         ("patch_refinement = -1e-6", "attack.patch_refinement"),
         ("precision = \"f16\"", "precision"),
+        ("optimizer = \"adam\"", "optimizer"),
     ] {
         // The first `restarts = 1` closes the `[attack]` table.
         let config =

@@ -176,8 +176,9 @@ pub struct InvertingGradientsConfig {
 #[serde(rename_all = "snake_case")]
 pub enum ImageOptimizer {
     /// Adam on the *signed* input gradient with step decay at 3/8, 5/8 and 7/8 of the iterations
-    /// (Inverting Gradients).
+    /// (Inverting Gradients). Also read as `signed-adam`, the command line's spelling.
     #[default]
+    #[serde(alias = "signed-adam")]
     SignedAdam,
     /// L-BFGS (DLG): the last [`LBFGS_HISTORY`] steps model the curvature; each step is projected on
     /// the box [0, 1] and backtracked until the objective (matching + prior) decreases enough (Armijo).

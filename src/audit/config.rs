@@ -1,5 +1,6 @@
 //! The audit configuration (`fedleak audit --config FILE`, TOML) and the embedded default.
 
+use fedleak_attacks::ImageOptimizer;
 use serde::{Deserialize, Serialize};
 
 use super::observe::AttackPrecision;
@@ -55,6 +56,10 @@ pub struct AttackSettings {
     /// Inverting Gradients: ridge of the patch refinement of its result (`>= 0`, 0 switches it off);
     /// unset, the attack's default for the observation (3e-6 for one image, 1e-4 for a batch).
     pub patch_refinement: Option<f64>,
+    /// Inverting Gradients: how the image is optimised (`"signed_adam"` or `"lbfgs"`); unset, the
+    /// attack's default for the model (L-BFGS behind a learnable position table, signed Adam
+    /// behind a sin-cos one).
+    pub optimizer: Option<ImageOptimizer>,
     /// Precision in which the attacker simulates the updates (`"f32"` or `"f64"`).
     pub precision: AttackPrecision,
     /// Label counts (batches, aggregates): the attacker holds the data's held-out (test) split as
@@ -73,6 +78,7 @@ impl Default for AttackSettings {
             tv_weight: None,
             prior_decay: None,
             patch_refinement: None,
+            optimizer: None,
             precision: AttackPrecision::F32,
             label_reference: false,
         }
