@@ -359,6 +359,7 @@ fn run_attack(
                         .attack
                         .patch_refinement
                         .unwrap_or(defaults.patch_refinement),
+                    optimizer: config.attack.optimizer.unwrap_or(defaults.optimizer),
                     ..defaults
                 }
             };
