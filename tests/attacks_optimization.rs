@@ -14,7 +14,7 @@ use fedleak_attacks::{
     enable_second_order_gradients, invert_gradients, seconds_per_evaluation, total_variation,
     AttackOutcome, ClientShare, ClientSteps, GradientMatcher, ImageOptimizer, ImagePrior,
     InputGradient, InvertingGradientsConfig, LocalBatches, MatchingLoss, Observation, ParamMap,
-    TargetModel, UpdateSource,
+    TargetModel, UpdateSource, BATCH_TV_WEIGHT,
 };
 
 /// 8x8 RGB, patch 4, width 8, one block: small enough for finite differences.
@@ -741,6 +741,40 @@ fn psnr_against(truth: &[f32], images: &Tensor) -> f64 {
         fedleak_metrics::ImageDims::new(3, 32, 32),
     )
     .unwrap()
+}
+
+#[test]
+fn a_batch_behind_one_step_gets_the_batch_tv_weight_and_unrolled_steps_the_single_image_one() {
+    let case = tile_case();
+    let Observation::ClientUpdate { update, .. } = &case.observation else {
+        unreachable!("the tile case observes a client's gradient")
+    };
+    let observe = |source: UpdateSource, batch_size: usize, local_batches: LocalBatches| {
+        let observation = Observation::ClientUpdate {
+            update: update.clone(),
+            source,
+            batch_size,
+            local_batches,
+        };
+        InvertingGradientsConfig::for_observation(&observation, &case.model).tv_weight
+    };
+    let single = InvertingGradientsConfig::default().tv_weight;
+    let delta = UpdateSource::SgdDelta {
+        lr: 0.01,
+        local_steps: 4,
+    };
+    // FedSGD: one image, then a batch of 8 behind one gradient.
+    assert_eq!(
+        observe(UpdateSource::Gradient, 1, LocalBatches::Repeated),
+        single
+    );
+    assert_eq!(
+        observe(UpdateSource::Gradient, 8, LocalBatches::Repeated),
+        BATCH_TV_WEIGHT
+    );
+    // FedAvg: 4 local steps on one batch of 4, and on batches of 4 of their own (16 images).
+    assert_eq!(observe(delta.clone(), 4, LocalBatches::Repeated), single);
+    assert_eq!(observe(delta, 4, LocalBatches::PerStep(vec![4; 4])), single);
 }
 
 #[test]

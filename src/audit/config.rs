@@ -48,7 +48,8 @@ pub struct AttackSettings {
     /// Inverting Gradients: random restarts (the best by matching loss is kept).
     pub restarts: usize,
     /// Inverting Gradients: weight of the total-variation prior (`>= 0`); unset, the attack's
-    /// default for the observation (1e-3 for one image, 3e-2 for a batch or an aggregate).
+    /// default for the observation (3e-2 for several images behind one gradient step, a FedSGD
+    /// batch or aggregate; 1e-3 for one image or a FedAvg delta's unrolled local steps).
     pub tv_weight: Option<f64>,
     /// Inverting Gradients: factor on the image prior at each step decay, in [0, 1]; unset, the
     /// attack's default for the observation (0.1 for one image, 1 for a batch or an aggregate).

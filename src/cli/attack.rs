@@ -103,8 +103,9 @@ pub struct AttackArgs {
     /// on IHC tiles), signed Adam behind a fixed sin-cos table]. DLG always uses L-BFGS.
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerArg>,
-    /// Weight of the total-variation prior [default: 1e-3 for one image, 3e-2 for a batch or an
-    /// aggregate, whose gradient mixes the images and leaves their noise unconstrained].
+    /// Weight of the total-variation prior [default: 3e-2 for several images behind one gradient
+    /// step, a FedSGD batch or aggregate, whose gradient mixes the images and leaves their noise
+    /// unconstrained; 1e-3 for one image or a FedAvg delta's unrolled local steps].
     #[arg(long, value_parser = non_negative_weight)]
     pub tv_weight: Option<f64>,
     /// Weight of the colour-opponent total variation (0 switches it off).
