@@ -450,21 +450,17 @@ impl InvertingGradientsConfig {
     /// the binary of 2026-12-05 morning); with one image in each step the two weights had scored
     /// 22.47 / 0.421 (1e-3) and 22.25 / 0.411 (3e-2).
     pub fn for_observation(observation: &Observation, model: &dyn TargetModel) -> Self {
-        let images = Self::images_behind(observation);
+        let view = observation.update_view().ok();
+        let images = view.as_ref().map_or(1, |view| view.images);
+        let unrolled = view
+            .as_ref()
+            .is_some_and(|view| view.clients.iter().any(|client| client.steps.len() > 1));
         let optimizer = Self::default_optimizer(model);
-        let unrolled = observation
-            .update_view()
-            .is_ok_and(|view| view.clients.iter().any(|client| client.steps.len() > 1));
-        let defaults = Self::for_images(images);
         Self {
             optimizer,
             iterations: Self::default_iterations(images, optimizer),
-            tv_weight: if unrolled {
-                Self::default().tv_weight
-            } else {
-                defaults.tv_weight
-            },
-            ..defaults
+            tv_weight: Self::default_tv_weight(if unrolled { 1 } else { images }),
+            ..Self::for_images(images)
         }
     }
 
