@@ -10,6 +10,7 @@
 mod backward;
 mod checkpoint;
 mod config;
+mod fast_math;
 mod init;
 mod layers;
 mod memory;
