@@ -184,11 +184,26 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
     assert!(relative(0) <= 1e-2, "forward: {objectives:?}");
     assert!(relative(1) <= 1e-4, "central: {objectives:?}");
 
-    // Prior settings out of range are refused before any work, naming the option.
+    // `--initial-spread` reaches DLG's start: from grey (its default) and from noise over [0, 1]
+    // the same four steps end elsewhere.
+    let start_spread = |extra: &[&str]| {
+        let mut args = vec!["--iterations", "4", "--restarts", "1"];
+        args.extend_from_slice(extra);
+        attack_with(dir, "client-1", "dlg", &args)["psnr_db_mean"]
+            .as_f64()
+            .unwrap()
+    };
+    let (grey, noise) = (start_spread(&[]), start_spread(&["--initial-spread", "1"]));
+    println!("DLG after 4 steps: from grey {grey:.2} dB, from noise {noise:.2} dB");
+    assert_ne!(grey, noise);
+
+    // Prior and start settings out of range are refused before any work, naming the option.
     for (option, value) in [
         ("--prior-decay", "2"),
         ("--tv-weight", "-1"),
         ("--tv-weight", "nan"),
+        ("--initial-spread", "1.5"),
+        ("--initial-spread", "-0.1"),
     ] {
         let setting = format!("{option}={value}");
         let out = fedleak(

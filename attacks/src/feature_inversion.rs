@@ -241,6 +241,18 @@ impl<'a> FeatureMatcher<'a> {
 /// Uniform noise in [0, 1] of shape (`batch`, C, H, W) for `model`, from `rng`: the start of each
 /// restart of [`invert_features`].
 pub fn random_images(model: &dyn TargetModel, batch: usize, rng: &mut StdRng) -> Result<Tensor> {
+    noise_around_grey(model, batch, 1.0, rng)
+}
+
+/// Uniform noise `spread` wide centred on mid-grey, in [0.5 - spread / 2, 0.5 + spread / 2], of shape
+/// (`batch`, C, H, W) for `model`, from `rng` (one draw per pixel whatever the spread). A spread of 1
+/// gives exactly [`random_images`]; 0 a flat grey image.
+pub fn noise_around_grey(
+    model: &dyn TargetModel,
+    batch: usize,
+    spread: f64,
+    rng: &mut StdRng,
+) -> Result<Tensor> {
     let (c, h, w) = model.input_dims();
     let (dtype, device) = model
         .parameters()
@@ -248,7 +260,11 @@ pub fn random_images(model: &dyn TargetModel, batch: usize, rng: &mut StdRng) ->
         .next()
         .map(|t| (t.dtype(), t.device().clone()))
         .unwrap_or((DType::F32, candle_core::Device::Cpu));
-    let init: Vec<f32> = (0..batch * c * h * w).map(|_| rng.random()).collect();
+    // u * spread + offset: exactly u at spread 1.
+    let (scale, offset) = (spread as f32, (0.5 - 0.5 * spread) as f32);
+    let init: Vec<f32> = (0..batch * c * h * w)
+        .map(|_| rng.random::<f32>() * scale + offset)
+        .collect();
     Ok(Tensor::from_vec(init, (batch, c, h, w), &device)?.to_dtype(dtype)?)
 }
 

@@ -31,13 +31,14 @@ pub use april::{
 };
 pub use error::{AttackError, Result};
 pub use feature_inversion::{
-    invert_features, random_images, FeatureInversionConfig, FeatureLoss, FeatureMatcher,
+    invert_features, noise_around_grey, random_images, FeatureInversionConfig, FeatureLoss,
+    FeatureMatcher,
 };
 pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, LabelRecovery};
 pub use inverting_gradients::{
     invert_gradients, seconds_per_evaluation, GradientMatcher, ImageOptimizer, InputGradient,
-    InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, BATCH_TV_WEIGHT, LBFGS_HISTORY,
-    LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE, SINGLE_IMAGE_LBFGS_ITERATIONS,
+    InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, BATCH_TV_WEIGHT, DLG_INITIAL_SPREAD,
+    LBFGS_HISTORY, LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE, SINGLE_IMAGE_LBFGS_ITERATIONS,
     SINGLE_IMAGE_PRIOR_DECAY,
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};

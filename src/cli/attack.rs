@@ -125,6 +125,11 @@ pub struct AttackArgs {
     /// [default: 0.1 for one image, 1 for a batch or an aggregate, which need the prior to the end].
     #[arg(long, value_parser = unit_interval)]
     pub prior_decay: Option<f64>,
+    /// Width of the uniform noise every restart starts from, centred on mid-grey (1: noise over
+    /// [0, 1]; 0: a flat grey image) [default: 0.02 for `dlg`, which has no prior and leaves what
+    /// the gradient does not determine where it started; 1 for Inverting Gradients].
+    #[arg(long, value_parser = spread)]
+    pub initial_spread: Option<f64>,
     /// For `dlg` and `ig`: optimise soft labels jointly with the images from random logits, as the
     /// original DLG does, instead of recovering the labels first (iDLG, label counts). Exact
     /// double-backward gradients; the reported labels are the argmax of the optimised ones.
@@ -168,6 +173,16 @@ fn unit_interval(text: &str) -> std::result::Result<f64, String> {
         Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
         _ => Err(format!(
             "`{text}` is not a factor in [0, 1]: give e.g. 0.1, or 1 for a constant prior"
+        )),
+    }
+}
+
+/// A width in [0, 1].
+fn spread(text: &str) -> std::result::Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!(
+            "`{text}` is not a width in [0, 1]: give e.g. 0.02 for a start near grey, or 1 for noise over the whole range"
         )),
     }
 }
@@ -361,6 +376,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     let config = InvertingGradientsConfig {
         iterations: args.iterations.unwrap_or(base.iterations),
         prior_decay: args.prior_decay.unwrap_or(base.prior_decay),
+        initial_spread: args.initial_spread.unwrap_or(base.initial_spread),
         restarts: args.restarts,
         restart_workers: args.concurrent_restarts(),
         seed: global.seed(),
