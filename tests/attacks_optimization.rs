@@ -918,14 +918,15 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
     else {
         panic!("IG applies to a FedSGD gradient");
     };
-    let dims = fedleak_metrics::ImageDims::new(3, 32, 32);
     let psnr_of = |images: &Tensor| psnr_against(&truth, images);
     let after = psnr_of(&result.images);
-    // The attack's own random start (same seed, same generator) is the baseline.
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let start: Vec<f32> = (0..3 * 32 * 32).map(|_| rng.random()).collect();
-    let before = fedleak_metrics::psnr_db(&truth, &start, dims).unwrap();
+    // Each attack's own start (same seed, same generator, the attack's width) is its baseline.
+    use rand::SeedableRng;
+    let start = |seed: u64, spread: f64| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        psnr_of(&noise_around_grey(&model, 1, spread, &mut rng).unwrap())
+    };
+    let before = start(7, InvertingGradientsConfig::default().initial_spread);
     println!(
         "PSNR random start {before:.2} dB -> after 60 IG steps {after:.2} dB (objective {:.4})",
         result.objective
@@ -958,12 +959,8 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
     };
     assert_eq!(result.attack, "dlg");
     let after = psnr_of(&result.images);
-    // DLG starts near grey: its own start (same seed, same generator) is its baseline.
-    let grey_start = |seed: u64| {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        psnr_of(&noise_around_grey(&model, 1, DLG_INITIAL_SPREAD, &mut rng).unwrap())
-    };
-    let dlg_before = grey_start(7);
+    // DLG starts near grey.
+    let dlg_before = start(7, DLG_INITIAL_SPREAD);
     println!(
         "PSNR grey start {dlg_before:.2} dB -> after 60 DLG steps {after:.2} dB (objective {:.3e})",
         result.objective
@@ -1010,7 +1007,7 @@ fn a_short_attack_beats_its_random_start_by_a_stated_margin() {
         panic!("DLG with joint labels applies to a FedSGD gradient");
     };
     let joint_after = psnr_of(&joint.images);
-    let joint_before = grey_start(joint_seed);
+    let joint_before = start(joint_seed, DLG_INITIAL_SPREAD);
     println!(
         "PSNR grey start {joint_before:.2} dB -> after 60 joint-label DLG steps {joint_after:.2} dB, labels {:?} (true {label})",
         joint.labels

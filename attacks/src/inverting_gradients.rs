@@ -458,7 +458,7 @@ impl InvertingGradientsConfig {
     /// 22.47 / 0.421 (1e-3) and 22.25 / 0.411 (3e-2).
     pub fn for_observation(observation: &Observation, model: &dyn TargetModel) -> Self {
         let view = observation.update_view().ok();
-        let images = view.as_ref().map_or(1, |view| view.images);
+        let images = Self::images_behind(view.as_ref());
         let unrolled = view
             .as_ref()
             .is_some_and(|view| view.clients.iter().any(|client| client.steps.len() > 1));
@@ -476,17 +476,17 @@ impl InvertingGradientsConfig {
     pub fn dlg_for_observation(observation: &Observation) -> Self {
         Self {
             iterations: Self::default_iterations(
-                Self::images_behind(observation),
+                Self::images_behind(observation.update_view().ok().as_ref()),
                 ImageOptimizer::Lbfgs,
             ),
             ..Self::dlg()
         }
     }
 
-    /// The private images behind `observation`: its batch, or all clients' batches for an
-    /// aggregate; one when it holds no update to invert.
-    fn images_behind(observation: &Observation) -> usize {
-        observation.update_view().map_or(1, |view| view.images)
+    /// The private images behind an observation's update view: its batch, or all clients' batches
+    /// for an aggregate; one when it holds no update to invert (no view).
+    fn images_behind(view: Option<&UpdateView>) -> usize {
+        view.map_or(1, |view| view.images)
     }
 
     /// Default optimiser for an attack on `model`: L-BFGS (with the finite-difference input

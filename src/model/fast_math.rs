@@ -12,7 +12,7 @@
 //! candle's autograd stay exact.
 
 /// Above this argument `erf` rounds to 1 in f32 (erf(3.92) = 1 - 3.0e-8, half an ulp below 1).
-const ERF_SATURATION: f32 = 3.92;
+const ERF_SATURATION: f64 = 3.92;
 
 /// Numerator coefficients of erf(x) ~ x N(x^2) / D(x^2) on [0, 3.92], lowest power first.
 /// Fitted for fedleak (2026-12-05) by weighted least squares on a dense grid against scipy's
@@ -46,7 +46,7 @@ const ERF_DENOMINATOR: [f64; 5] = [
 /// `tests/cli_attack.rs`.)
 #[inline(always)]
 pub(crate) fn erf(x: f32) -> f32 {
-    let x = f64::from(x).clamp(-f64::from(ERF_SATURATION), f64::from(ERF_SATURATION));
+    let x = f64::from(x).clamp(-ERF_SATURATION, ERF_SATURATION);
     let t = x * x;
     let [n0, n1, n2, n3, n4, n5, n6] = ERF_NUMERATOR;
     let [d1, d2, d3, d4, d5] = ERF_DENOMINATOR;
