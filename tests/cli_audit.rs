@@ -378,6 +378,27 @@ fn an_f64_attacker_with_a_set_prior_decay_runs_and_is_recorded() {
 }
 
 #[test]
+fn a_set_start_width_reaches_the_attack_and_is_recorded() {
+    // Inverting Gradients starts from noise over [0, 1] by default; from plain grey it must end
+    // elsewhere after its 20 iterations.
+    let tmp = tempfile::tempdir().unwrap();
+    let psnr = |settings: &str, out: &str| {
+        let (header, rows, audit) = run_ig_audit(tmp.path(), 1, settings, out);
+        let col = header.iter().position(|h| h == "psnr_db").unwrap();
+        let psnr: Vec<String> = rows.iter().map(|row| row[col].clone()).collect();
+        (psnr, audit["config"]["attack"]["initial_spread"].clone())
+    };
+    let (from_noise, unset) = psnr("", "noise");
+    let (from_grey, set) = psnr("initial_spread = 0.0", "grey");
+    assert!(unset.is_null(), "{unset}");
+    assert_eq!(set, 0.0);
+    assert_ne!(
+        from_noise, from_grey,
+        "the start width did not reach the attack"
+    );
+}
+
+#[test]
 fn label_counts_from_the_held_out_split_run_and_are_recorded() {
     // Batches of 2, so the labels come from label counts, with the held-out tiles as reference.
     let tmp = tempfile::tempdir().unwrap();
@@ -506,6 +527,8 @@ fn bad_attack_settings_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     for (setting, named) in [
         ("prior_decay = 2.0", "attack.prior_decay"),
+        ("initial_spread = 1.5", "attack.initial_spread"),
+        ("initial_spread = -0.1", "attack.initial_spread"),
         ("tv_weight = -1.0", "attack.tv_weight"),
         ("tv_weight = nan", "attack.tv_weight"),
         ("patch_refinement = inf", "attack.patch_refinement"),

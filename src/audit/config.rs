@@ -61,6 +61,11 @@ pub struct AttackSettings {
     /// attack's default for the model (L-BFGS behind a learnable position table, signed Adam
     /// behind a sin-cos one).
     pub optimizer: Option<ImageOptimizer>,
+    /// Optimisation attacks: width of the noise around grey that each restart starts from, in
+    /// [0, 1]; unset, the attack's default (1, noise over the whole range, for Inverting
+    /// Gradients, whose prior fills what the gradient leaves open; 0.02 for DLG, which has no
+    /// prior and leaves those directions where they started).
+    pub initial_spread: Option<f64>,
     /// Precision in which the attacker simulates the updates (`"f32"` or `"f64"`).
     pub precision: AttackPrecision,
     /// Label counts (batches, aggregates): the attacker holds the data's held-out (test) split as
@@ -80,6 +85,7 @@ impl Default for AttackSettings {
             prior_decay: None,
             patch_refinement: None,
             optimizer: None,
+            initial_spread: None,
             precision: AttackPrecision::F32,
             label_reference: false,
         }
@@ -194,6 +200,17 @@ impl AuditConfig {
                 "attack.prior_decay",
                 &format!("{decay} is not in [0, 1]"),
                 "e.g. prior_decay = 0.1 (the prior gives way), or 1 (constant); leave it out for the default",
+            ));
+        }
+        if let Some(spread) = self
+            .attack
+            .initial_spread
+            .filter(|s| !(0.0..=1.0).contains(s))
+        {
+            return Err(bad(
+                "attack.initial_spread",
+                &format!("{spread} is not a width in [0, 1]"),
+                "e.g. initial_spread = 0.02 for a start near grey, or 1 for noise over the whole range; leave it out for the default",
             ));
         }
         let non_negative = [

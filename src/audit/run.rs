@@ -371,6 +371,7 @@ fn run_attack(
                     &InvertingGradientsConfig {
                         iterations: config.attack.iterations,
                         restarts: config.attack.restarts,
+                        initial_spread: config.attack.initial_spread.unwrap_or(base.initial_spread),
                         seed: config.seed,
                         ..base
                     },
