@@ -66,8 +66,12 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
 
     let april = attack(dir, "client-0", "april");
     assert!(april["psnr_db_mean"].as_f64().unwrap() > 60.0, "{april}");
+    // The private tile's own mean colour is a reference point far below an exact recovery.
+    let colour = april["colour_psnr_db_mean"].as_f64().unwrap();
+    assert!(colour > 5.0 && colour < 40.0, "{april}");
     let rows = std::fs::read_to_string(dir.join("attack-client-0-april/results.csv")).unwrap();
     assert!(rows.starts_with("round,client,attack,image"), "{rows}");
+    assert!(rows.contains(",psnr_db,colour_psnr_db,ssim,"), "{rows}");
     assert!(dir.join("attack-client-0-april/grid.png").is_file());
 
     let labels = attack(dir, "client-0", "idlg");

@@ -29,7 +29,7 @@ pub use crate::error::{ImageRole, MetricsError};
 pub use crate::labels::{score_labels, score_matched_labels, RecoveredLabel};
 pub use crate::matching::{assign_min_cost, match_batch, MatchedPair, Matching};
 pub use crate::nmi::{nmi, nmi_studholme, NMI_BINS};
-pub use crate::psnr::{mse, psnr_db};
+pub use crate::psnr::{colour_psnr_db, mse, psnr_db};
 pub use crate::ssim::{ssim, ssim_skimage, SSIM_SKIMAGE_WINDOW, SSIM_WANG_WINDOW};
 
 /// All metrics of one (reference, reconstruction) pair, as a report row needs them.

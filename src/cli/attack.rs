@@ -18,7 +18,9 @@ use fedleak_attacks::{
     ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig, LabelOutcome,
     Observation, Reconstruction, ReferenceImages, TargetModel,
 };
-use fedleak_metrics::{match_batch, score_labels, score_matched_labels, ImageDims, RecoveredLabel};
+use fedleak_metrics::{
+    colour_psnr_db, match_batch, score_labels, score_matched_labels, ImageDims, RecoveredLabel,
+};
 use serde::Serialize;
 
 use super::{
@@ -228,6 +230,9 @@ struct ResultRow {
     image: usize,
     private_index: Option<usize>,
     psnr_db: Option<f64>,
+    /// What the private image's own mean colour scores against it: a reconstruction at or below
+    /// this has recovered the colour, not the layout.
+    colour_psnr_db: Option<f64>,
     ssim: Option<f64>,
     ssim_skimage: Option<f64>,
     nmi: Option<f64>,
@@ -461,6 +466,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         "attack": reconstruction.attack,
         "images": rows.len(),
         "psnr_db_mean": (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64),
+        "colour_psnr_db_mean": mean(rows.iter().filter_map(|r| r.colour_psnr_db)),
         "ssim_mean": mean(rows.iter().filter_map(|r| r.ssim)),
         "label_accuracy": mean(rows.iter().filter_map(|r| r.label_correct.map(f64::from))),
         "attack_seconds": reconstruction.seconds,
@@ -717,6 +723,7 @@ fn write_outputs(
             image: i,
             private_index: None,
             psnr_db: None,
+            colour_psnr_db: None,
             ssim: None,
             ssim_skimage: None,
             nmi: None,
@@ -754,6 +761,7 @@ fn write_outputs(
             let row = &mut rows[pair.reconstruction];
             row.private_index = Some(pair.reference);
             row.psnr_db = Some(pair.score.psnr_db);
+            row.colour_psnr_db = Some(colour_psnr_db(&refs[pair.reference], dims)?);
             row.ssim = Some(pair.score.ssim);
             row.ssim_skimage = Some(pair.score.ssim_skimage);
             row.nmi = Some(pair.score.nmi);
