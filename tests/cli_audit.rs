@@ -382,14 +382,15 @@ fn a_set_start_width_reaches_the_attack_and_is_recorded() {
     // Inverting Gradients starts from noise over [0, 1] by default; from plain grey it must end
     // elsewhere after its 20 iterations.
     let tmp = tempfile::tempdir().unwrap();
-    let psnr = |settings: &str, out: &str| {
+    // Each image's PSNR and the recorded key, for an audit with `settings`.
+    let audit_with = |settings: &str, out: &str| {
         let (header, rows, audit) = run_ig_audit(tmp.path(), 1, settings, out);
         let col = header.iter().position(|h| h == "psnr_db").unwrap();
         let psnr: Vec<String> = rows.iter().map(|row| row[col].clone()).collect();
         (psnr, audit["config"]["attack"]["initial_spread"].clone())
     };
-    let (from_noise, unset) = psnr("", "noise");
-    let (from_grey, set) = psnr("initial_spread = 0.0", "grey");
+    let (from_noise, unset) = audit_with("", "noise");
+    let (from_grey, set) = audit_with("initial_spread = 0.0", "grey");
     assert!(unset.is_null(), "{unset}");
     assert_eq!(set, 0.0);
     assert_ne!(
