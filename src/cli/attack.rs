@@ -461,11 +461,10 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         }
     };
     let rows = write_outputs(&capture, &reconstruction, private.as_ref(), &args)?;
-    let scored: Vec<f64> = rows.iter().filter_map(|r| r.psnr_db).collect();
     let summary = serde_json::json!({
         "attack": reconstruction.attack,
         "images": rows.len(),
-        "psnr_db_mean": (!scored.is_empty()).then(|| scored.iter().sum::<f64>() / scored.len() as f64),
+        "psnr_db_mean": mean(rows.iter().filter_map(|r| r.psnr_db)),
         "colour_psnr_db_mean": mean(rows.iter().filter_map(|r| r.colour_psnr_db)),
         "ssim_mean": mean(rows.iter().filter_map(|r| r.ssim)),
         "label_accuracy": mean(rows.iter().filter_map(|r| r.label_correct.map(f64::from))),
