@@ -133,6 +133,7 @@ use crate::observation::{
     consecutive_ranges, momentum_gradient_weights, ClientSteps, Observation, UpdateSource,
     UpdateView,
 };
+use crate::parameter_arithmetic::{linear_combination, squared_norm, squared_norm_and_dot};
 use crate::patch_refinement::{
     refine_patches_after_client_steps, RefinementStep, BATCH_PATCH_REFINEMENT,
     SINGLE_IMAGE_PATCH_REFINEMENT,
@@ -1540,33 +1541,26 @@ impl<'a> GradientMatcher<'a> {
             }
             counted += 1;
             if self.loss == MatchingLoss::SquaredL2 {
-                let difference = (g - &t)?;
-                objective += difference
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(DType::F64)?
-                    .to_scalar::<f64>()?;
+                let difference = linear_combination(1.0, g, -1.0, &t)?;
+                objective += squared_norm(std::slice::from_ref(&difference))?;
                 direction.push((difference * 2.0)?);
                 continue;
             }
-            let g_norm = g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?
-                .sqrt();
+            let (g_squared_norm, dot) = squared_norm_and_dot(g, &t)?;
+            let g_norm = g_squared_norm.sqrt();
             if g_norm == 0.0 {
                 // cosine 0 (as in `matching`); no direction to follow from a zero gradient.
                 objective += 1.0;
                 direction.push(g.zeros_like()?);
                 continue;
             }
-            let dot = (g * &t)?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
             objective += 1.0 - dot / (g_norm * t_norm);
-            let u = ((t * (-1.0 / (g_norm * t_norm)))? + (g * (dot / (g_norm.powi(3) * t_norm)))?)?;
+            let u = linear_combination(
+                -1.0 / (g_norm * t_norm),
+                &t,
+                dot / (g_norm.powi(3) * t_norm),
+                g,
+            )?;
             direction.push(u);
         }
         let scale = match self.loss {
@@ -1692,8 +1686,8 @@ impl<'a> GradientMatcher<'a> {
             let shifted: Vec<Tensor> = theta
                 .iter()
                 .zip(vector)
-                .map(|(t, v)| t + (v * (sign * eps))?)
-                .collect::<candle_core::Result<_>>()?;
+                .map(|(t, v)| linear_combination(1.0, t, sign * eps, v))
+                .collect::<Result<_>>()?;
             let (input, parameters) =
                 self.first_order(&shifted, images, labels, true, with_parameters)?;
             Ok((input.unwrap_or(images.zeros_like()?), parameters))
@@ -1775,19 +1769,6 @@ impl<'a> GradientMatcher<'a> {
         let logits_gradient = logits.map(|l| gradient_of(l.as_tensor())).transpose()?;
         Ok((value, gradient_of(x.as_tensor())?, logits_gradient))
     }
-}
-
-/// The squared Euclidean norm of several tensors together (each summed in its own dtype).
-fn squared_norm(tensors: &[Tensor]) -> Result<f64> {
-    let mut total = 0f64;
-    for t in tensors {
-        total += t
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    Ok(total)
 }
 
 /// The gradients a backward pass left for each variable (zeros for a variable it did not reach).

@@ -20,6 +20,7 @@ mod label_separation;
 mod linear;
 mod model;
 mod observation;
+mod parameter_arithmetic;
 mod patch_refinement;
 mod prior;
 mod reconstruction;
