@@ -29,8 +29,22 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// runs restarts on one thread each, where no worker spins). Against PyTorch (`tests/bench/compare_torch.sh`, 3 rounds each, ratios fedleak/torch) 25 000 /
 /// 10 000 / 4000 gave: attack step tiny b=1 0.90 / 1.01 / 1.11, tiny b=8 1.77 / 1.72 / 1.71, ViT-B/16
 /// b=1 0.95 / 0.83 / 0.75; training step tiny b=8 2.01 / 1.80 / 1.62.
-/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment overrides it.
+/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment overrides it. It matters only when the pool has
+/// workers: fedleak runs element-wise ops without them (see [`ELEMENTWISE_POOL_THREADS`]) unless
+/// `CANDLE_NUM_THREADS` asks for more.
 const BARRIER_POOL_SPIN_LIMIT: u32 = 4000;
+
+/// Threads of candle's pool for element-wise ops (1: each op runs on its caller's thread; candle's
+/// default is the kernel thread count). The passes that dominate fedleak's time run their own fused
+/// loops and matrix products on rayon's threads (`--threads`), the two halves of a batch at once;
+/// candle's pool takes one caller at a time and its worker spins for the next op, so it only competes
+/// with them. Measured on this project's 2-core machine (2026-12-06, `fedleak bench --threads 2`,
+/// the same binary with `CANDLE_NUM_THREADS=2` and without, medians of four alternated rounds), pool
+/// of 2 threads -> 1: tiny-ViT attack step at batch 8 66.7 -> 63.7 ms, training step at batch 16
+/// 80.5 -> 67.0 ms, ViT-B/16 attack step 1189 -> 1173 ms, tiny batch-1 attack and training steps
+/// 20.3 -> 19.8 and 9.4 -> 8.7 ms. `CANDLE_NUM_THREADS` in the environment
+/// overrides it.
+const ELEMENTWISE_POOL_THREADS: usize = 1;
 
 fn main() -> ExitCode {
     // Keep freed memory for reuse instead of purging it 10 ms later: a ViT-B/16 attack step frees and
@@ -56,6 +70,9 @@ fn main() -> ExitCode {
         .kernel_threads()
         .unwrap_or_else(candle_core::utils::get_num_threads);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", ELEMENTWISE_POOL_THREADS.to_string());
+    }
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var(
             "CANDLE_BARRIER_POOL_SPIN_LIMIT",

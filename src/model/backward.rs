@@ -237,7 +237,7 @@ impl Pass<'_> {
             .reshape((batch, channels, grid_h, p, grid_w, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((batch * patches_per_image, channels * p * p))?;
-        let embedded = affine(&patches, &patch_weight, Some(&patch_bias))?;
+        let embedded = affine::<T>(&patches, &patch_weight, Some(&patch_bias))?;
         let cls = self
             .param("vit.embeddings.cls_token")?
             .broadcast_as((batch, 1, d))?;
@@ -283,7 +283,7 @@ impl Pass<'_> {
             eps,
         )?;
         let classifier_weight = self.param("classifier.weight")?;
-        let logits = affine(
+        let logits = affine::<T>(
             &features,
             &classifier_weight,
             Some(&self.param("classifier.bias")?),
@@ -395,14 +395,14 @@ impl Pass<'_> {
                 .contiguous()
         };
         let query = split(
-            affine(
+            affine::<T>(
                 &query_input,
                 &projections.query.0,
                 projections.query.1.as_ref(),
             )?,
             query_tokens,
         )?;
-        let key_value = affine(
+        let key_value = affine::<T>(
             &attention_input,
             &projections.key_value.0,
             projections.key_value.1.as_ref(),
@@ -417,7 +417,7 @@ impl Pass<'_> {
             .matmul(&value)?
             .transpose(1, 2)?
             .reshape((batch * query_tokens, d))?;
-        let attended = affine(
+        let attended = affine::<T>(
             &merged,
             &self.param(&format!("{prefix}.attention.output.dense.weight"))?,
             Some(&self.param(&format!("{prefix}.attention.output.dense.bias"))?),
@@ -455,7 +455,7 @@ impl Pass<'_> {
             &self.param(&format!("{prefix}.layernorm_after.bias"))?,
             eps,
         )?;
-        let pre = affine(
+        let pre = affine::<T>(
             &input,
             &self.param(&format!("{prefix}.intermediate.dense.weight"))?,
             Some(&self.param(&format!("{prefix}.intermediate.dense.bias"))?),
@@ -463,7 +463,7 @@ impl Pass<'_> {
         let pre_activation = values::<T>(&pre)?;
         let (activation, cdf) = gelu_forward(&pre_activation);
         let activation = Tensor::from_vec(activation, pre.shape(), x.device())?;
-        let out = affine(
+        let out = affine::<T>(
             &activation,
             &self.param(&format!("{prefix}.output.dense.weight"))?,
             Some(&self.param(&format!("{prefix}.output.dense.bias"))?),
@@ -771,13 +771,28 @@ fn add_to_leading_rows<T: Float>(
     Tensor::from_vec(sum, (rows, d), x.device())
 }
 
-/// `x W^T + b` on rows.
-fn affine(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+/// `x W^T + b` on rows. The bias is added by a loop of this module's, not by candle's
+/// `broadcast_add`: when candle's element-wise pool has workers (`CANDLE_NUM_THREADS` above 1; fedleak
+/// runs without them by default), candle runs ops of 64 Ki elements and more (the MLP's and the
+/// key/value projection's outputs at half a tiny-ViT batch of 8) on it, one caller at a time, and
+/// the two halves of [`Pass::run_in_halves`] would wait for each other there.
+fn affine<T: WithDType>(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
     let y = x.matmul(&weight.t()?)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
+    let Some(bias) = bias else {
+        return Ok(y);
+    };
+    let bias = values::<T>(bias)?;
+    let mut sums = values::<T>(&y)?;
+    for row in sums.chunks_exact_mut(bias.len()) {
+        for (value, &shift) in row.iter_mut().zip(&bias) {
+            *value += shift;
+        }
     }
+    Tensor::from_vec(sums, y.shape(), y.device())
 }
 
 /// A tensor's elements in row-major order.
