@@ -42,8 +42,7 @@ const BARRIER_POOL_SPIN_LIMIT: u32 = 4000;
 /// the same binary with `CANDLE_NUM_THREADS=2` and without, medians of four alternated rounds), pool
 /// of 2 threads -> 1: tiny-ViT attack step at batch 8 66.7 -> 63.7 ms, training step at batch 16
 /// 80.5 -> 67.0 ms, ViT-B/16 attack step 1189 -> 1173 ms, tiny batch-1 attack and training steps
-/// 20.3 -> 19.8 and 9.4 -> 8.7 ms. `CANDLE_NUM_THREADS` in the environment
-/// overrides it.
+/// 20.3 -> 19.8 and 9.4 -> 8.7 ms. `CANDLE_NUM_THREADS` in the environment overrides it.
 const ELEMENTWISE_POOL_THREADS: usize = 1;
 
 fn main() -> ExitCode {
