@@ -1541,9 +1541,10 @@ impl<'a> GradientMatcher<'a> {
             }
             counted += 1;
             if self.loss == MatchingLoss::SquaredL2 {
-                let difference = linear_combination(1.0, g, -1.0, &t)?;
-                objective += squared_norm(std::slice::from_ref(&difference))?;
-                direction.push((difference * 2.0)?);
+                // 2 (g - t) in one pass; scaling by 2 is exact, so |2 (g - t)|^2 / 4 = |g - t|^2.
+                let doubled_difference = linear_combination(2.0, g, -2.0, &t)?;
+                objective += squared_norm(std::slice::from_ref(&doubled_difference))? / 4.0;
+                direction.push(doubled_difference);
                 continue;
             }
             let (g_squared_norm, dot) = squared_norm_and_dot(g, &t)?;

@@ -114,9 +114,12 @@ pub(crate) fn squared_norm_and_dot(g: &Tensor, t: &Tensor) -> Result<(f64, f64)>
     if let Some(found) = fast {
         return Ok(found);
     }
-    let scalar =
-        |x: Tensor| -> Result<f64> { Ok(x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    Ok((scalar(g.sqr()?)?, scalar((g * t)?)?))
+    Ok((candle_sum(&g.sqr()?)?, candle_sum(&(g * t)?)?))
+}
+
+/// The sum of a tensor's elements by candle's ops, in f64 (the fallback of the fused sums).
+fn candle_sum(x: &Tensor) -> Result<f64> {
+    Ok(x.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
 /// `|x|^2` summed over a list of tensors, in f64, reading each once.
@@ -133,11 +136,7 @@ pub(crate) fn squared_norm(tensors: &[Tensor]) -> Result<f64> {
         };
         total += match fast {
             Some(found) => found,
-            None => x
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?,
+            None => candle_sum(&x.sqr()?)?,
         };
     }
     Ok(total)
