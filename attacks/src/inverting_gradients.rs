@@ -115,6 +115,18 @@
 //! objective, 200 s an iteration) lowered the objective from 2.3e-7 to 5.3e-9 in three iterations
 //! while the PSNR fell to 21.10 dB, and `--precision f64` scores 22.64 dB / SSIM 0.446 on the
 //! eight tiles (22.49 / 0.442 in f32) at twice the time.
+//! Nor do other rounds' gradients of the same image (2026-12-06, a scratch branch matching the
+//! mean of several rounds' objectives, each round's update simulated under that round's global
+//! weights, the prior's weight raised with the number of rounds to keep its share). A client
+//! whose only image is its batch sends an honest-but-curious server that image's gradient every
+//! round; the goal tiles, one per client, trained by FedSGD for 50 rounds (`fedleak train --data
+//! D8 --position-embedding sincos --clients 8 --batch-size 1 --algorithm fedsgd --rounds 50
+//! --capture-rounds 1,2,5,10,20,50 --seed 1`, the server's AdamW at lr 1e-3; round 1's captures
+//! are the goal's, bit for bit): rounds 1 and 2 together 22.41 dB / SSIM 0.436, rounds 1 and 5
+//! 22.54 / 0.442, against round 1 alone's 22.43 / 0.447; rounds 1, 20 and 50 19.56 / 0.215 on the
+//! first four tiles (round 1 alone 22.53). Each later round alone scores less: round 5 21.67 /
+//! 0.411, round 20 19.21 / 0.250, round 50 18.12 / 0.191. The rounds near the first add no
+//! constraint the first lacks, and the later ones pull the match away from it.
 //!
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).
