@@ -128,6 +128,18 @@
 //! 0.411, round 20 19.21 / 0.250, round 50 18.12 / 0.191. The rounds near the first add no
 //! constraint the first lacks, and the later ones pull the match away from it.
 //!
+//! At batch 8 the matching objective does not tell the images apart in f32 (2026-12-06, the goal
+//! tiles as one FedSGD batch, `fedleak train --data D8 --position-embedding sincos --clients 1
+//! --batch-size 8 --algorithm fedsgd --rounds 1 --seed 1`; a scratch branch evaluating and
+//! starting from given images): the private images score 5.1e-8, the eight batch-1 results (22.43
+//! dB) put together 1.26e-7, the default attack's result (17.09 dB / SSIM 0.233) 2.4e-7, and an
+//! attack with one image's settings (TV 1e-3, prior decay 0.1, refinement ridge 3e-6; 1500
+//! iterations, one restart) 3.1e-8 at 17.04 dB / 0.239, below the private images. Started from the
+//! batch-1 results, the batch attack leaves them: 19.05 dB at 2.0e-7 with the defaults (1000
+//! iterations), 20.19 dB at 1.12e-7 with one image's settings at a tenth of the step. Images of
+//! 17 dB match the batch's gradient as well as the private ones: at batch 8 the attack is limited by
+//! what the f32 gradient says, not by the search.
+//!
 //! The same machinery runs DLG ([`InvertingGradientsConfig::dlg`]): squared-L2 matching, no prior,
 //! projected L-BFGS ([`ImageOptimizer::Lbfgs`]).
 
