@@ -11,10 +11,11 @@ use fedleak::model::{
     init_parameters, one_hot, Checkpoint, ModelPreset, PositionEmbeddingKind, VitConfig, VitTarget,
 };
 use fedleak_attacks::{
-    enable_second_order_gradients, invert_gradients, noise_around_grey, seconds_per_evaluation,
-    total_variation, AttackOutcome, ClientShare, ClientSteps, GradientMatcher, ImageOptimizer,
-    ImagePrior, InputGradient, InvertingGradientsConfig, LocalBatches, MatchingLoss, Observation,
-    ParamMap, TargetModel, UpdateSource, BATCH_TV_WEIGHT, DLG_INITIAL_SPREAD,
+    enable_second_order_gradients, invert_gradients, matching_objective, noise_around_grey,
+    seconds_per_evaluation, total_variation, AttackOutcome, ClientShare, ClientSteps,
+    GradientMatcher, ImageOptimizer, ImagePrior, InputGradient, InvertingGradientsConfig,
+    LocalBatches, MatchingLoss, Observation, ParamMap, TargetModel, UpdateSource, BATCH_TV_WEIGHT,
+    DLG_INITIAL_SPREAD,
 };
 
 /// 8x8 RGB, patch 4, width 8, one block: small enough for finite differences.
@@ -588,6 +589,70 @@ fn an_aggregate_is_simulated_client_by_client_with_its_weights_exactly_and_by_th
             );
         }
     }
+}
+
+#[test]
+fn the_private_images_in_the_record_s_step_order_match_an_aggregate_and_other_images_do_not() {
+    // The FedAvg aggregate of the test above: client A on image 1 at both steps, client B on
+    // image 5 then image 6. The server's record lists each step's batches client after client;
+    // `candidate_items` puts them in the attack's candidate order, where the private images match
+    // the update exactly in f64 and other images do not.
+    let lr = 0.5;
+    let cfg = small_config(PositionEmbeddingKind::Sincos);
+    let model = target(&cfg);
+    let images: BTreeMap<usize, Tensor> = [1, 5, 6].map(|k| (k, image(&cfg, k as u64))).into();
+    let label_of = BTreeMap::from([(1usize, 2u32), (5, 0), (6, 1)]);
+    let batch_of = |k: usize| (images[&k].clone(), vec![label_of[&k]]);
+    let a = per_step_delta(&model, &[batch_of(1), batch_of(1)], lr);
+    let b = per_step_delta(&model, &[batch_of(5), batch_of(6)], lr);
+    let observed: ParamMap = a
+        .iter()
+        .map(|(k, x)| {
+            (
+                k.clone(),
+                ((x * 0.25).unwrap() + (&b[k] * 0.75).unwrap()).unwrap(),
+            )
+        })
+        .collect();
+    let share = |weight, local_batches| ClientShare {
+        weight,
+        batch_size: 1,
+        local_steps: 2,
+        local_batches,
+    };
+    let observation = Observation::Aggregate {
+        update: observed,
+        source: UpdateSource::SgdDelta { lr, local_steps: 2 },
+        clients: vec![
+            share(0.25, LocalBatches::Repeated),
+            share(0.75, LocalBatches::PerStep(vec![1, 1])),
+        ],
+    };
+    let view = observation.update_view().unwrap();
+    let record = [vec![1, 5], vec![1, 6]];
+    let order = view.candidate_items(&record).unwrap();
+    assert_eq!(order, vec![1, 5, 6]);
+    // Client A listed with another image at its second step: not this update's layout.
+    assert_eq!(view.candidate_items(&[vec![5, 1], vec![1, 6]]), None);
+    assert_eq!(view.candidate_items(&record[..1]), None);
+
+    let config = InvertingGradientsConfig::default();
+    let objective = |ids: &[usize], labels: &[u32]| {
+        let x = Tensor::cat(&ids.iter().map(|k| &images[k]).collect::<Vec<_>>(), 0).unwrap();
+        matching_objective(&observation, &model, &x, labels, &config).unwrap()
+    };
+    let labels: Vec<u32> = order.iter().map(|k| label_of[k]).collect();
+    let private = objective(&order, &labels).unwrap();
+    assert!(private < 1e-9, "{private:e}");
+    // The same images in other steps, and other labels, explain the update far worse.
+    let swapped = objective(&[1, 6, 5], &[2, 1, 0]).unwrap();
+    let relabelled = objective(&order, &[2, 1, 0]).unwrap();
+    assert!(
+        swapped > 1e-4 && relabelled > 1e-4,
+        "{swapped:e} {relabelled:e}"
+    );
+    // Counts that do not fit the update: nothing to say.
+    assert_eq!(objective(&order[..2], &labels[..2]), None);
 }
 
 #[test]

@@ -73,6 +73,8 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
     assert!(rows.starts_with("round,client,attack,image"), "{rows}");
     assert!(rows.contains(",psnr_db,colour_psnr_db,ssim,"), "{rows}");
     assert!(dir.join("attack-client-0-april/grid.png").is_file());
+    // A closed form has no matching objective to compare the private images' with.
+    assert!(april["private_objective"].is_null(), "{april}");
 
     let labels = attack(dir, "client-0", "idlg");
     assert_eq!(labels["attack"], "idlg");
@@ -160,6 +162,16 @@ fn closed_form_label_and_feature_attacks_on_client_and_aggregate_captures() {
         double["objective"].as_f64().unwrap().is_finite(),
         "{double}"
     );
+    // Beside it, where the update puts the private tile: simulated in f64 it matches the f32
+    // capture to the capture's rounding, far below four steps' result.
+    let private = double["private_objective"].as_f64().unwrap();
+    assert!(private.abs() < 1e-9, "{double}");
+    assert!(
+        private < double["objective"].as_f64().unwrap() / 100.0,
+        "{double}"
+    );
+    let rows = std::fs::read_to_string(dir.join("attack-client-1-ig/results.csv")).unwrap();
+    assert!(rows.contains(",objective,private_objective,"), "{rows}");
 
     // The three input gradients follow the same path from the same start: after 4 signed-Adam steps
     // their matching objectives agree (the exact one takes candle's double backward, which the command

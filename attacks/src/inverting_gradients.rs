@@ -1959,6 +1959,39 @@ pub fn seconds_per_evaluation(
     Ok(Some(started.elapsed().as_secs_f64()))
 }
 
+/// The matching objective of [`invert_gradients`] under `config` (its loss, without the prior) at
+/// the given images and labels, in the order of the attack's candidates
+/// ([`crate::UpdateView::candidate_items`]). At the private images this says how closely the update
+/// singles them out, beside the objective an attack reached: a result matching far worse than
+/// the private images leaves room for a stronger search; one matching as well or better was
+/// stopped by what the update says (or by the precision of the simulation), not by the search.
+/// `None` when Inverting Gradients does not apply to the observation or the counts do not fit it.
+///
+/// # Errors
+/// As [`invert_gradients`].
+pub fn matching_objective(
+    observation: &Observation,
+    model: &dyn TargetModel,
+    images: &Tensor,
+    labels: &[u32],
+    config: &InvertingGradientsConfig,
+) -> Result<Option<f64>> {
+    let Ok(view) = observation.update_view() else {
+        return Ok(None);
+    };
+    if labels.len() != view.images || images.dim(0)? != view.images {
+        return Ok(None);
+    }
+    let matcher = matcher_for(&view, model, Some(labels), config)?;
+    let images = images.to_dtype(matcher.dtype)?.to_device(&matcher.device)?;
+    Ok(Some(
+        matcher
+            .matching(&images)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?,
+    ))
+}
+
 /// Runs Inverting Gradients with the given labels (from iDLG or label-count recovery), or, when
 /// `labels` is `None`, optimises soft labels jointly with the images as the original DLG does (from
 /// random logits; the returned labels are their argmax, and the gradients are then exact double

@@ -37,10 +37,10 @@ pub use feature_inversion::{
 };
 pub use idlg::{infer_label_from_bias_gradient, infer_label_idlg, LabelOutcome, LabelRecovery};
 pub use inverting_gradients::{
-    invert_gradients, seconds_per_evaluation, GradientMatcher, ImageOptimizer, InputGradient,
-    InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, BATCH_TV_WEIGHT, DLG_INITIAL_SPREAD,
-    LBFGS_HISTORY, LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE, SINGLE_IMAGE_LBFGS_ITERATIONS,
-    SINGLE_IMAGE_PRIOR_DECAY,
+    invert_gradients, matching_objective, seconds_per_evaluation, GradientMatcher, ImageOptimizer,
+    InputGradient, InvertingGradientsConfig, MatchingLoss, BATCH_ITERATIONS, BATCH_TV_WEIGHT,
+    DLG_INITIAL_SPREAD, LBFGS_HISTORY, LINE_SEARCH_TRIES, MAX_REFINEMENT_RISE,
+    SINGLE_IMAGE_LBFGS_ITERATIONS, SINGLE_IMAGE_PRIOR_DECAY,
 };
 pub use label_counts::{count_labels, round_label_counts, LabelCountConfig, ReferenceImages};
 pub use label_separation::{

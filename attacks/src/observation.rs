@@ -272,6 +272,69 @@ impl UpdateView<'_> {
             .collect()
     }
 
+    /// The update's images in the order the attacks take their candidates in, from what each local
+    /// step trained on as the clients saw it: `step_items[s]` lists step `s`'s items (image ids of
+    /// any kind), each client's batch of that step after the previous client's. Steps that train on
+    /// the same candidates (a client's one batch, repeated) must list the same items, in any order.
+    /// `None` when the lists do not fit the view: another number of steps or of items, or two steps
+    /// that disagree on one candidate group.
+    ///
+    /// ```
+    /// use fedleak_attacks::{ClientShare, LocalBatches, Observation, UpdateSource};
+    /// let share = |local_batches| ClientShare {
+    ///     weight: 0.5,
+    ///     batch_size: 1,
+    ///     local_steps: 2,
+    ///     local_batches,
+    /// };
+    /// let observation = Observation::Aggregate {
+    ///     update: Default::default(),
+    ///     source: UpdateSource::SgdDelta { lr: 0.01, local_steps: 2 },
+    ///     clients: vec![
+    ///         share(LocalBatches::Repeated),
+    ///         share(LocalBatches::PerStep(vec![1, 1])),
+    ///     ],
+    /// };
+    /// let view = observation.update_view().unwrap();
+    /// // Step 0 trained on images 7 (client 0) and 3 (client 1), step 1 on 7 and 5.
+    /// assert_eq!(view.candidate_items(&[vec![7, 3], vec![7, 5]]), Some(vec![7, 3, 5]));
+    /// assert_eq!(view.candidate_items(&[vec![7, 3], vec![8, 5]]), None);
+    /// ```
+    pub fn candidate_items(&self, step_items: &[Vec<usize>]) -> Option<Vec<usize>> {
+        let steps = self.clients.iter().map(|c| c.steps.len()).max()?;
+        if step_items.len() != steps {
+            return None;
+        }
+        let mut items: Vec<Option<usize>> = vec![None; self.images];
+        for (step, listed) in step_items.iter().enumerate() {
+            let mut listed = listed.iter().copied();
+            for range in self.clients.iter().filter_map(|c| c.steps.get(step)) {
+                let batch: Vec<usize> = listed.by_ref().take(range.len()).collect();
+                if batch.len() != range.len() {
+                    return None;
+                }
+                let seen = items.get(range.clone())?;
+                if seen.iter().all(Option::is_none) {
+                    for (slot, item) in items[range.clone()].iter_mut().zip(batch) {
+                        *slot = Some(item);
+                    }
+                } else {
+                    let mut seen: Vec<Option<usize>> = seen.to_vec();
+                    let mut batch: Vec<Option<usize>> = batch.into_iter().map(Some).collect();
+                    seen.sort_unstable();
+                    batch.sort_unstable();
+                    if seen != batch {
+                        return None;
+                    }
+                }
+            }
+            if listed.next().is_some() {
+                return None;
+            }
+        }
+        items.into_iter().collect()
+    }
+
     /// The ranges of the update's images that trained together, in image order (see
     /// [`UpdateView::image_groups`]).
     pub(crate) fn group_ranges(&self) -> Vec<Range<usize>> {

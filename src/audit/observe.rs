@@ -137,6 +137,9 @@ pub struct PrivateImages {
     pub images: Tensor,
     /// Their labels.
     pub labels: Vec<u32>,
+    /// What each local step trained on, as rows of `images` (for an aggregate, each client's
+    /// batch of the step after the previous client's), as the capture's private record lists it.
+    pub steps: Vec<Vec<usize>>,
 }
 
 /// Loads the private images of a capture (its `private` record) in the model's input shape.
@@ -165,5 +168,15 @@ pub fn private_images(capture: &Capture, device: &Device) -> Result<Option<Priva
         device,
     )?;
     let labels = indices.iter().map(|&i| data.train.labels[i]).collect();
-    Ok(Some(PrivateImages { images, labels }))
+    let row_of = |i: &usize| indices.iter().position(|j| j == i);
+    let steps = private
+        .step_indices
+        .iter()
+        .map(|step| step.iter().filter_map(row_of).collect())
+        .collect();
+    Ok(Some(PrivateImages {
+        images,
+        labels,
+        steps,
+    }))
 }
