@@ -203,6 +203,34 @@ fn small_audit_writes_every_output_with_verdicts_from_real_attacks() {
     }
     assert!(upload("cls_token_he") < upload("glwe"));
 
+    // Beside every Inverting Gradients run, the matching objective at the private images, placed in
+    // the attack's candidate order (one client's image; the three clients' of an aggregate).
+    for scheme in ["none", "dp", "prune", "glwe", "paillier"] {
+        for row in rows
+            .iter()
+            .filter(|r| r[col("scheme")] == scheme && r[col("attack")] == "ig")
+        {
+            if row[col("psnr_db_mean")].is_empty() {
+                // Not attacked (the attack broke down on what the party sees): nothing to compare.
+                continue;
+            }
+            let value = |name: &str| row[col(name)].parse::<f64>().unwrap();
+            let (objective, private) = (value("objective"), value("private_objective"));
+            assert!(objective.is_finite() && private.is_finite(), "{row:?}");
+            if scheme == "none" || scheme == "paillier" {
+                // The update in the clear (Paillier's fixed point: 24 fraction bits) puts the
+                // private images at f32 rounding, far below 20 iterations' result.
+                assert!(
+                    private.abs() < 1e-5 && objective > 10.0 * private,
+                    "{row:?}"
+                );
+                assert!(row[col("reason")].contains("a stronger search"), "{row:?}");
+            }
+        }
+    }
+    let april_objective = &april_plain[col("private_objective")];
+    assert!(april_objective.is_empty(), "{april_objective}");
+
     // report.html: one summary row per scheme, every image inline and also on disk.
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(

@@ -12,7 +12,10 @@ use fedleak_metrics::{match_batch, score_matched_labels, score_pair, ImageDims};
 use serde::Serialize;
 
 use super::config::{AttackKind, AuditConfig};
-use super::observe::attacker_view;
+use super::observe::{
+    attacker_view, private_images_in, private_matching_objective, search_fell_short,
+    search_finding, PrivateImages,
+};
 use crate::data::{load_data, DataSpec, DataSplits};
 use crate::fl::{run_federated, Capture, FlConfig, FlObserver, RoundRecord};
 use crate::model::{init_parameters, load_checkpoint, Checkpoint, ModelPreset, VitTarget};
@@ -111,6 +114,11 @@ pub struct SummaryRow {
     pub server_seconds: f64,
     /// Wall time of the attack.
     pub attack_seconds: Option<f64>,
+    /// The optimisation attack's matching objective at its reconstruction (empty for a closed form).
+    pub objective: Option<f64>,
+    /// The same objective at the private images: far below `objective`, the search stopped the
+    /// attack; about as low or higher, what the update says did.
+    pub private_objective: Option<f64>,
     /// Differential privacy spent up to this round (cumulative epsilon at `dp_delta`), for DP schemes.
     pub dp_epsilon: Option<f64>,
     /// The delta of `dp_epsilon`.
@@ -146,6 +154,8 @@ impl SummaryRow {
             encode_seconds: record.encode_seconds,
             server_seconds: record.server_seconds,
             attack_seconds: None,
+            objective: None,
+            private_objective: None,
             dp_epsilon: None,
             dp_delta: None,
             verdict: "not_attacked".into(),
@@ -272,36 +282,6 @@ fn initial_model(config: &AuditConfig, data: &DataSplits, device: &Device) -> Re
     })
 }
 
-/// The private images and labels of a capture (every distinct image of its batches, in order).
-fn private_batch(
-    capture: &Capture,
-    data: &DataSplits,
-    device: &Device,
-) -> Result<(Tensor, Vec<u32>)> {
-    let mut indices: Vec<usize> = Vec::new();
-    if let Some(private) = &capture.private {
-        for &i in private.step_indices.iter().flatten() {
-            if !indices.contains(&i) {
-                indices.push(i);
-            }
-        }
-    }
-    let shape = data.train.shape;
-    let mut values = Vec::with_capacity(indices.len() * shape.len());
-    for &i in &indices {
-        values.extend_from_slice(data.train.image(i));
-    }
-    let images = Tensor::from_vec(
-        values,
-        (indices.len(), shape.channels, shape.height, shape.width),
-        device,
-    )?;
-    Ok((
-        images,
-        indices.iter().map(|&i| data.train.labels[i]).collect(),
-    ))
-}
-
 /// The held-out split as the attacker's labelled reference images, when `[attack] label_reference`
 /// says so.
 fn label_reference(
@@ -338,6 +318,40 @@ fn mean_image(data: &DataSplits) -> Vec<f32> {
     sum.into_iter().map(|s| (s / n) as f32).collect()
 }
 
+/// The settings of the optimisation attack `kind` on `observation` under the audit's `[attack]`
+/// table; `None` for a closed form.
+fn optimisation_config(
+    kind: AttackKind,
+    observation: &Observation,
+    target: &VitTarget,
+    config: &AuditConfig,
+) -> Option<InvertingGradientsConfig> {
+    let base = match kind {
+        AttackKind::April => return None,
+        AttackKind::Dlg => InvertingGradientsConfig::dlg(),
+        AttackKind::Ig => {
+            let defaults = InvertingGradientsConfig::for_observation(observation, target);
+            InvertingGradientsConfig {
+                tv_weight: config.attack.tv_weight.unwrap_or(defaults.tv_weight),
+                prior_decay: config.attack.prior_decay.unwrap_or(defaults.prior_decay),
+                patch_refinement: config
+                    .attack
+                    .patch_refinement
+                    .unwrap_or(defaults.patch_refinement),
+                optimizer: config.attack.optimizer.unwrap_or(defaults.optimizer),
+                ..defaults
+            }
+        }
+    };
+    Some(InvertingGradientsConfig {
+        iterations: config.attack.iterations,
+        restarts: config.attack.restarts,
+        initial_spread: config.attack.initial_spread.unwrap_or(base.initial_spread),
+        seed: config.seed,
+        ..base
+    })
+}
+
 fn run_attack(
     kind: AttackKind,
     observation: &Observation,
@@ -345,44 +359,25 @@ fn run_attack(
     reference: Option<&ReferenceImages>,
     config: &AuditConfig,
 ) -> Result<AttackOutcome> {
-    Ok(match kind {
-        AttackKind::April => reconstruct_april(observation, target)?,
-        AttackKind::Ig | AttackKind::Dlg => {
-            let base = if kind == AttackKind::Dlg {
-                InvertingGradientsConfig::dlg()
-            } else {
-                let defaults = InvertingGradientsConfig::for_observation(observation, target);
-                InvertingGradientsConfig {
-                    tv_weight: config.attack.tv_weight.unwrap_or(defaults.tv_weight),
-                    prior_decay: config.attack.prior_decay.unwrap_or(defaults.prior_decay),
-                    patch_refinement: config
-                        .attack
-                        .patch_refinement
-                        .unwrap_or(defaults.patch_refinement),
-                    optimizer: config.attack.optimizer.unwrap_or(defaults.optimizer),
-                    ..defaults
+    Ok(
+        match optimisation_config(kind, observation, target, config) {
+            None => reconstruct_april(observation, target)?,
+            Some(settings) => {
+                match recover_labels(observation, target, &LabelCountConfig::default(), reference)?
+                {
+                    LabelOutcome::Recovered(recovery) => {
+                        invert_gradients(observation, target, Some(&recovery.labels), &settings)?
+                    }
+                    LabelOutcome::NotApplicable { attack, reason } => {
+                        AttackOutcome::NotApplicable {
+                            attack: kind.id(),
+                            reason: format!("labels could not be recovered ({attack}: {reason})"),
+                        }
+                    }
                 }
-            };
-            match recover_labels(observation, target, &LabelCountConfig::default(), reference)? {
-                LabelOutcome::Recovered(recovery) => invert_gradients(
-                    observation,
-                    target,
-                    Some(&recovery.labels),
-                    &InvertingGradientsConfig {
-                        iterations: config.attack.iterations,
-                        restarts: config.attack.restarts,
-                        initial_spread: config.attack.initial_spread.unwrap_or(base.initial_spread),
-                        seed: config.seed,
-                        ..base
-                    },
-                )?,
-                LabelOutcome::NotApplicable { attack, reason } => AttackOutcome::NotApplicable {
-                    attack: kind.id(),
-                    reason: format!("labels could not be recovered ({attack}: {reason})"),
-                },
             }
-        }
-    })
+        },
+    )
 }
 
 /// Why `kind` is not run on `observation` when its attack step would not fit in the memory available
@@ -438,13 +433,13 @@ struct Scored {
 #[allow(clippy::too_many_arguments)]
 fn score(
     reconstruction: &Reconstruction,
-    private: &(Tensor, Vec<u32>),
+    private: &PrivateImages,
     baseline: &[f32],
     context: (&str, &str, usize, &str),
     config: &AuditConfig,
 ) -> Result<Scored> {
     let (scheme, threat, round, party) = context;
-    let (references, labels) = private;
+    let (references, labels) = (&private.images, &private.labels);
     let (_, c, h, w) = references.dims4()?;
     let dims = ImageDims::new(c, h, w);
     let refs: Vec<Vec<f32>> = (0..references.dim(0)?)
@@ -656,7 +651,7 @@ pub fn run_audit(
                 }
                 let (target, observation) =
                     attacker_view(capture, config.attack.precision, device)?;
-                let private = private_batch(capture, &data, device)?;
+                let private = private_images_in(capture, &data, device)?;
                 for &kind in &config.attack.kinds {
                     progress.step(&format!(
                         "`{id}`: {} attacks the {} upload of round {round} with {}",
@@ -667,7 +662,7 @@ pub fn run_audit(
                     let mut row = SummaryRow {
                         threat_model: threat.id.clone(),
                         attack: kind.id().into(),
-                        batch_size: private.1.len(),
+                        batch_size: private.labels.len(),
                         ..base_row.clone()
                     };
                     // An attack too large for this machine's memory would get the whole audit
@@ -720,6 +715,40 @@ pub fn run_audit(
                                 config.verdict.psnr_margin_db,
                                 config.verdict.ssim_min
                             );
+                            // Beside an optimisation attack's result, where the update puts the
+                            // private images: whether the search or the update stopped it.
+                            if let Some(settings) =
+                                optimisation_config(kind, &observation, &target, config)
+                                    .filter(|s| s.loss.attack_id() == reconstruction.attack)
+                            {
+                                row.objective = Some(reconstruction.objective);
+                                row.private_objective = match private_matching_objective(
+                                    &observation,
+                                    &target,
+                                    &private,
+                                    &settings,
+                                ) {
+                                    Ok(objective) => objective,
+                                    // A supplementary figure: one the attack cannot evaluate is
+                                    // left out, with the reason in the log.
+                                    Err(crate::Error::Attack(e)) => {
+                                        tracing::warn!(
+                                            "`{id}`, {party} of round {round}: the private images' matching objective: {e}"
+                                        );
+                                        None
+                                    }
+                                    Err(e) => return Err(e),
+                                };
+                                if let Some(private_objective) = row.private_objective {
+                                    row.reason = format!(
+                                        "{}; matching objective {:.1e}, at the private images {:.1e}: {}",
+                                        row.reason,
+                                        reconstruction.objective,
+                                        private_objective,
+                                        search_finding(reconstruction.objective, private_objective)
+                                    );
+                                }
+                            }
                             outcome.images.extend(scored.rows);
                             outcome.figures.extend(scored.figure);
                         }
@@ -816,10 +845,30 @@ fn judge(
             ),
         )
     } else if !attacked.is_empty() {
+        // Whether the optimisation attacks stopped where the update stops singling out the
+        // private images, or short of that (the verdict then rests on the search).
+        let judged: Vec<bool> = attacked
+            .iter()
+            .filter_map(|r| Some(search_fell_short(r.objective?, r.private_objective?)))
+            .collect();
+        let short = judged.iter().filter(|&&short| short).count();
+        let search = if short > 0 {
+            format!(
+                "; in {short} of {} optimisation runs the update singles out the private images far better than the reconstruction (matching objective): the verdict rests on the attack's search, and a stronger attack may recover them",
+                judged.len()
+            )
+        } else if !judged.is_empty() {
+            format!(
+                "; in each of the {} optimisation runs the reconstruction matches the update about as well as the private images: the update, as simulated, does not single them out",
+                judged.len()
+            )
+        } else {
+            String::new()
+        };
         (
             "resists",
             format!(
-                "{} attack runs, none beat the mean-image baseline by the margin with enough structure (best {:.1} dB PSNR)",
+                "{} attack runs, none beat the mean-image baseline by the margin with enough structure (best {:.1} dB PSNR){search}",
                 attacked.len(),
                 best(|r| r.psnr_db_max).unwrap_or(f64::NAN)
             ),

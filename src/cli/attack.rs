@@ -7,16 +7,19 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::ValueEnum;
-use fedleak::audit::{attacker_view, private_images, AttackPrecision, PrivateImages};
+use fedleak::audit::{
+    attacker_view, private_images, private_matching_objective, search_finding, AttackPrecision,
+    PrivateImages,
+};
 use fedleak::data::{load_data, DataSpec};
 use fedleak::fl::read_capture;
 use fedleak::model::{AttackStepKind, AttackStepPlan, VitTarget};
 use fedleak::report::{image_grid, write_png};
 use fedleak_attacks::{
-    invert_gradients, matching_objective, reconstruct_april, recover_classifier_input,
-    recover_labels, seconds_per_evaluation, unrolled_label_hypotheses, AttackOutcome,
-    FeatureOutcome, ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig,
-    LabelOutcome, Observation, Reconstruction, ReferenceImages, TargetModel,
+    invert_gradients, reconstruct_april, recover_classifier_input, recover_labels,
+    seconds_per_evaluation, unrolled_label_hypotheses, AttackOutcome, FeatureOutcome,
+    ImageOptimizer, InputGradient, InvertingGradientsConfig, LabelCountConfig, LabelOutcome,
+    Observation, Reconstruction, ReferenceImages, TargetModel,
 };
 use fedleak_metrics::{
     colour_psnr_db, match_batch, score_labels, score_matched_labels, ImageDims, RecoveredLabel,
@@ -475,11 +478,7 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         tracing::info!(
             "matching objective of the private images {private_objective:.3e}, of the reconstruction {:.3e}: {}",
             reconstruction.objective,
-            if reconstruction.objective > SEARCH_SHORTFALL * private_objective.max(0.0) {
-                "the update singles out the private images far better than the reconstruction; a stronger search could get closer to them"
-            } else {
-                "the reconstruction matches the update about as well as the private images; the update, simulated at this precision, does not single them out further"
-            }
+            search_finding(reconstruction.objective, private_objective)
         );
     }
     let rows = write_outputs(
@@ -504,12 +503,6 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
     println!("{summary}");
     Ok(())
 }
-
-/// A reconstruction whose matching objective is more than this many times the private images' was
-/// stopped by the search, not by what the update says (a judgement call: the f32 simulation's own
-/// rounding puts the private images of a sin-cos IHC tile at 4e-8 and Inverting Gradients' results
-/// near them at 2e-7, measured 2026-12-06, while a FedAvg batch's result sits 100 times above).
-const SEARCH_SHORTFALL: f64 = 10.0;
 
 /// Expected runs longer than this many seconds are announced as a warning, with what shortens them.
 const LONG_ATTACK_SECONDS: f64 = 600.0;
@@ -732,36 +725,6 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 
 fn image_values(images: &Tensor, index: usize) -> Result<Vec<f32>> {
     Ok(images.get(index)?.flatten_all()?.to_vec1::<f32>()?)
-}
-
-/// The matching objective of `config` at the private images in the attack's candidate order
-/// ([`matching_objective`]); `None` when the private record does not fit the update's layout.
-fn private_matching_objective(
-    observation: &Observation,
-    target: &VitTarget,
-    private: &PrivateImages,
-    config: &InvertingGradientsConfig,
-) -> Result<Option<f64>> {
-    let Some(rows) = observation
-        .update_view()
-        .ok()
-        .and_then(|view| view.candidate_items(&private.steps))
-    else {
-        return Ok(None);
-    };
-    let index = Tensor::new(
-        rows.iter().map(|&row| row as u32).collect::<Vec<_>>(),
-        private.images.device(),
-    )?;
-    let images = private.images.index_select(&index, 0)?;
-    let labels: Vec<u32> = rows.iter().map(|&row| private.labels[row]).collect();
-    Ok(matching_objective(
-        observation,
-        target,
-        &images,
-        &labels,
-        config,
-    )?)
 }
 
 /// Writes reconstructions, the grid and `results.csv`; returns the rows.
