@@ -467,10 +467,16 @@ pub fn run(global: &GlobalArgs, args: AttackArgs) -> Result<()> {
         }
     };
     // Where the update puts the private images, beside where the attack got (optimisation attacks
-    // only: a closed form's objective is its own residual).
+    // only: a closed form's objective is its own residual). A supplementary figure: one that cannot
+    // be evaluated is left out with a warning rather than losing the attack's outputs.
     let private_objective = match private.as_ref() {
         Some(private) if reconstruction.attack == config.loss.attack_id() => {
-            private_matching_objective(&observation, &target, private, &config)?
+            private_matching_objective(&observation, &target, private, &config).unwrap_or_else(
+                |e| {
+                    tracing::warn!("the private images' matching objective: {e:#}");
+                    None
+                },
+            )
         }
         _ => None,
     };
