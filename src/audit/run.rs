@@ -199,6 +199,10 @@ pub struct SchemeVerdict {
     pub threat_models: Vec<(String, String)>,
     /// Test accuracy after every round.
     pub accuracy_by_round: Vec<f64>,
+    /// Whether a *resists* rests on the attack's search: in some optimisation run the update
+    /// singled out the private images far better than the reconstruction
+    /// ([`crate::audit::search_fell_short`]), so a stronger attack may recover them.
+    pub search_limited: bool,
 }
 
 /// An image grid (private | reconstruction) to show in the report.
@@ -826,6 +830,13 @@ fn judge(
         .collect();
     let best =
         |f: fn(&SummaryRow) -> Option<f64>| attacked.iter().filter_map(|r| f(r)).reduce(f64::max);
+    // Whether the optimisation attacks stopped where the update stops singling out the private
+    // images, or short of that (a verdict of resists then rests on the search).
+    let judged: Vec<bool> = attacked
+        .iter()
+        .filter_map(|r| Some(search_fell_short(r.objective?, r.private_objective?)))
+        .collect();
+    let short = judged.iter().filter(|&&short| short).count();
     let (verdict, reason) = if let Some(worst) = leaking.iter().max_by(|a, b| {
         a.psnr_db_max
             .partial_cmp(&b.psnr_db_max)
@@ -845,13 +856,6 @@ fn judge(
             ),
         )
     } else if !attacked.is_empty() {
-        // Whether the optimisation attacks stopped where the update stops singling out the
-        // private images, or short of that (the verdict then rests on the search).
-        let judged: Vec<bool> = attacked
-            .iter()
-            .filter_map(|r| Some(search_fell_short(r.objective?, r.private_objective?)))
-            .collect();
-        let short = judged.iter().filter(|&&short| short).count();
         let search = if short > 0 {
             format!(
                 "; in {short} of {} optimisation runs the update singles out the private images far better than the reconstruction (matching objective): the verdict rests on the attack's search, and a stronger attack may recover them",
@@ -911,6 +915,7 @@ fn judge(
             .map(|t| (t.id.clone(), t.description.clone()))
             .collect(),
         accuracy_by_round: rounds.iter().map(|r| r.test_accuracy).collect(),
+        search_limited: verdict == "resists" && short > 0,
     }
 }
 

@@ -253,6 +253,13 @@ fn render_html(
             serde_json::to_value(w.algorithm).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
             fmt_opt(outcome.warmup_test_accuracy.map(|a| a * 100.0), 1) + " %"
         )),
+        "search_limited": outcome
+            .verdicts
+            .iter()
+            .filter(|v| v.search_limited)
+            .map(|v| v.scheme.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         "psnr_margin_db": config.verdict.psnr_margin_db,
         "ssim_min": config.verdict.ssim_min,
         "baseline_psnr": fmt_opt((!baseline.is_empty()).then(|| baseline.iter().sum::<f64>() / baseline.len() as f64), 1),
