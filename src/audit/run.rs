@@ -356,32 +356,66 @@ fn optimisation_config(
     })
 }
 
+/// Runs `kind` on `observation`: the closed form, or the optimisation attack with `settings` (from
+/// [`optimisation_config`]) on the labels it recovers.
 fn run_attack(
     kind: AttackKind,
+    settings: Option<&InvertingGradientsConfig>,
     observation: &Observation,
     target: &VitTarget,
     reference: Option<&ReferenceImages>,
-    config: &AuditConfig,
 ) -> Result<AttackOutcome> {
-    Ok(
-        match optimisation_config(kind, observation, target, config) {
-            None => reconstruct_april(observation, target)?,
-            Some(settings) => {
-                match recover_labels(observation, target, &LabelCountConfig::default(), reference)?
-                {
-                    LabelOutcome::Recovered(recovery) => {
-                        invert_gradients(observation, target, Some(&recovery.labels), &settings)?
-                    }
-                    LabelOutcome::NotApplicable { attack, reason } => {
-                        AttackOutcome::NotApplicable {
-                            attack: kind.id(),
-                            reason: format!("labels could not be recovered ({attack}: {reason})"),
-                        }
-                    }
+    Ok(match settings {
+        None => reconstruct_april(observation, target)?,
+        Some(settings) => {
+            match recover_labels(observation, target, &LabelCountConfig::default(), reference)? {
+                LabelOutcome::Recovered(recovery) => {
+                    invert_gradients(observation, target, Some(&recovery.labels), settings)?
                 }
+                LabelOutcome::NotApplicable { attack, reason } => AttackOutcome::NotApplicable {
+                    attack: kind.id(),
+                    reason: format!("labels could not be recovered ({attack}: {reason})"),
+                },
             }
-        },
-    )
+        }
+    })
+}
+
+/// Adds to an optimisation attack's `row` its matching objective and the private images' (see
+/// [`private_matching_objective`]), and what they say to its reason. The private images' figure is
+/// supplementary: when the attack cannot evaluate it, it is left out with the reason in the log.
+fn compare_with_private_images(
+    row: &mut SummaryRow,
+    reconstruction: &Reconstruction,
+    attacked: (
+        &Observation,
+        &VitTarget,
+        &PrivateImages,
+        &InvertingGradientsConfig,
+    ),
+    context: &str,
+) -> Result<()> {
+    let (observation, target, private, settings) = attacked;
+    row.objective = Some(reconstruction.objective);
+    row.private_objective = match private_matching_objective(observation, target, private, settings)
+    {
+        Ok(objective) => objective,
+        Err(crate::Error::Attack(e)) => {
+            tracing::warn!("{context}: the private images' matching objective: {e}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(private_objective) = row.private_objective {
+        row.reason = format!(
+            "{}; matching objective {:.1e}, at the private images {:.1e}: {}",
+            row.reason,
+            reconstruction.objective,
+            private_objective,
+            search_finding(reconstruction.objective, private_objective)
+        );
+    }
+    Ok(())
 }
 
 /// Why `kind` is not run on `observation` when its attack step would not fit in the memory available
@@ -678,7 +712,14 @@ pub fn run_audit(
                     }
                     // An attack that breaks down on what this party sees (e.g. the closed form on a
                     // pruned gradient whose token gradients are zero) is a finding, not an audit failure.
-                    match run_attack(kind, &observation, &target, reference.as_ref(), config) {
+                    let settings = optimisation_config(kind, &observation, &target, config);
+                    match run_attack(
+                        kind,
+                        settings.as_ref(),
+                        &observation,
+                        &target,
+                        reference.as_ref(),
+                    ) {
                         Err(crate::Error::Attack(e)) => {
                             row.reason = format!("attack failed: {e}");
                         }
@@ -721,37 +762,17 @@ pub fn run_audit(
                             );
                             // Beside an optimisation attack's result, where the update puts the
                             // private images: whether the search or the update stopped it.
-                            if let Some(settings) =
-                                optimisation_config(kind, &observation, &target, config)
-                                    .filter(|s| s.loss.attack_id() == reconstruction.attack)
+                            if let Some(settings) = settings
+                                .as_ref()
+                                .filter(|s| s.loss.attack_id() == reconstruction.attack)
                             {
-                                row.objective = Some(reconstruction.objective);
-                                row.private_objective = match private_matching_objective(
-                                    &observation,
-                                    &target,
-                                    &private,
-                                    &settings,
-                                ) {
-                                    Ok(objective) => objective,
-                                    // A supplementary figure: one the attack cannot evaluate is
-                                    // left out, with the reason in the log.
-                                    Err(crate::Error::Attack(e)) => {
-                                        tracing::warn!(
-                                            "`{id}`, {party} of round {round}: the private images' matching objective: {e}"
-                                        );
-                                        None
-                                    }
-                                    Err(e) => return Err(e),
-                                };
-                                if let Some(private_objective) = row.private_objective {
-                                    row.reason = format!(
-                                        "{}; matching objective {:.1e}, at the private images {:.1e}: {}",
-                                        row.reason,
-                                        reconstruction.objective,
-                                        private_objective,
-                                        search_finding(reconstruction.objective, private_objective)
-                                    );
-                                }
+                                let context = format!("`{id}`, {party} of round {round}");
+                                compare_with_private_images(
+                                    &mut row,
+                                    &reconstruction,
+                                    (&observation, &target, &private, settings),
+                                    &context,
+                                )?;
                             }
                             outcome.images.extend(scored.rows);
                             outcome.figures.extend(scored.figure);
